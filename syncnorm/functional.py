@@ -1,0 +1,382 @@
+"""Functional forms of syncnorm's normalisations and the autograd Function they share.
+
+:func:`normalize` is the single fused training path of every layer: global moments with one collective
+(:func:`syncnorm.stats.global_moments`), optional constant *prior* moments merged in (CmBN's earlier micro-batches,
+CBN's compensated history), optional Batch-Renorm correction ``r, d`` (no gradient), then
+``y = x * scale + shift`` per channel. Its backward reduces ``(sum dy, sum dy * x_hat)`` locally, all-reduces that
+``2C`` vector once, and forms ``dx``; ``d weight`` and ``d bias`` stay local (DDP averages them).
+
+The public functional forms :func:`sync_batch_norm` and :func:`batch_renorm` mirror ``torch.nn.functional.batch_norm``
+and update the running statistics in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import comm
+from .stats import Moments, accumulation_dtype, global_moments
+
+__all__ = [
+    "NormInfo",
+    "normalize",
+    "update_running_stats",
+    "sync_batch_norm",
+    "batch_renorm",
+    "renorm_factors",
+    "check_input",
+]
+
+
+@dataclass
+class NormInfo:
+    """What one training forward of :func:`normalize` computed (all detached, fp64 unless stated).
+
+    Attributes:
+        batch: global moments of this step's batch over the process group.
+        used: moments the output was normalised with (``batch`` merged with the prior, if any).
+        global_count: number of values per channel in ``batch`` (a Python int, identical on every rank).
+        r, d: the Batch-Renorm factors applied (None without renorm).
+        extra_sum: the caller's payload summed over ranks in the forward collective, or None.
+    """
+
+    batch: Moments
+    used: Moments
+    global_count: int
+    r: Optional[torch.Tensor] = None
+    d: Optional[torch.Tensor] = None
+    extra_sum: Optional[torch.Tensor] = None
+    local_count: int = 0
+    extras: dict = field(default_factory=dict)
+
+
+def check_input(x, num_features: int, layer_name: str, min_dim: int = 2, max_dim: Optional[int] = None):
+    """Return the exception describing why ``x`` is not a valid ``(N, C, *)`` input, or None when it is.
+
+    The exception is returned, not raised, so a synchronising layer can still join the collective with an error
+    flag before raising it (no rank is left hanging).
+    """
+    if not isinstance(x, torch.Tensor):
+        return TypeError(f"{layer_name}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.is_floating_point() is False:
+        return TypeError(
+            f"{layer_name}: expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}"
+        )
+    if x.dim() < min_dim or (max_dim is not None and x.dim() > max_dim):
+        expected = f"{min_dim}D" if max_dim == min_dim else (
+            f"{min_dim}D to {max_dim}D" if max_dim is not None else f"at least {min_dim}D (N, C, *)")
+        return ValueError(f"{layer_name}: expected {expected} input, got {x.dim()}D input of shape {tuple(x.shape)}")
+    if x.shape[1] != num_features:
+        return ValueError(
+            f"{layer_name}: expected {num_features} channels in dim 1, got {x.shape[1]} (input shape {tuple(x.shape)})"
+        )
+    return None
+
+
+def _view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    return t.view([1, -1] + [1] * (ndim - 2))
+
+
+class _GlobalStatsNorm(torch.autograd.Function):
+    """y = (x - mean) / sqrt(var + eps) * (weight * r) + (bias + weight * d), with mean/var global over ranks."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: "_Spec"):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _forward(ctx, x, weight, bias, spec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _backward(ctx, grad_out)
+
+
+@dataclass
+class _Spec:
+    num_features: int
+    eps: float
+    process_group: object
+    layer_name: str
+    prior: Optional[Moments]
+    renorm: Optional[Callable]
+    extra: Optional[torch.Tensor]
+    extra_numel: Optional[int]
+    error: Optional[BaseException]
+    device: object
+    info: Optional[NormInfo] = None
+
+
+# Above this |mean| / std, x * scale + shift (what F.batch_norm computes) loses digits to cancellation, so the
+# input is centred on the fp32-rounded mean first (exact subtraction) and the rounding residue folded into shift.
+_CENTER_ABOVE = 64.0
+
+
+def _forward(ctx, x, weight, bias, spec: _Spec):
+    batch, global_count, extra_sum, mean_to_std = global_moments(
+        x, spec.num_features, spec.process_group, device=spec.device, extra=spec.extra,
+        extra_numel=spec.extra_numel, error=spec.error, layer_name=spec.layer_name, eps=spec.eps,
+    )
+    used = batch if spec.prior is None else spec.prior.merge(batch)
+    total = global_count + (0 if spec.prior is None else int(round(float(spec.prior.count))))
+    if total == 1:
+        raise ValueError(
+            f"{spec.layer_name}: expected more than 1 value per channel when training, got 1 value per channel "
+            f"across the whole process group (input size {tuple(x.shape)} on this rank)"
+        )
+    acc = accumulation_dtype(x.dtype)
+    center = None
+    if mean_to_std > _CENTER_ABOVE and x.numel() > 0:
+        center = used.mean.to(acc)
+    mean = used.mean.to(acc) if center is None else (used.mean - center.to(used.mean.dtype)).to(acc)
+    var = used.var().to(acc)
+    r = d = None
+    if spec.renorm is not None:
+        r, d = spec.renorm(batch.mean, batch.var())
+        r = r.to(acc)
+        d = d.to(acc)
+    w_eff = weight.to(acc) if weight is not None else None
+    b_eff = bias.to(acc) if bias is not None else None
+    if r is not None:
+        w_eff = r if w_eff is None else w_eff * r
+        wd = d if weight is None else weight.to(acc) * d
+        b_eff = wd if b_eff is None else b_eff + wd
+    if total == 0:
+        y = x.clone() if b_eff is None else x + 0  # empty everywhere: nothing to normalise
+    else:
+        y = F.batch_norm(_centered(x, center, acc), mean, var, w_eff, b_eff, training=False, momentum=0.0,
+                         eps=spec.eps)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+    spec.info = NormInfo(batch=batch, used=used, global_count=global_count, r=r, d=d, extra_sum=extra_sum,
+                         local_count=x.numel() // max(x.shape[1], 1))
+    ctx.save_for_backward(x, weight, mean, var, w_eff, center)
+    ctx.spec = spec
+    ctx.total = total
+    ctx.r, ctx.d = r, d
+    ctx.has_bias = bias is not None
+    ctx.in_dtype = x.dtype
+    return y
+
+
+def _backward(ctx, grad_out):
+    x, weight, mean, var, w_eff, center = ctx.saved_tensors
+    x = _centered(x, center, acc=mean.dtype)
+    spec: _Spec = ctx.spec
+    acc = mean.dtype
+    C = spec.num_features
+    need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if x.numel() > 0:
+        grad_out = grad_out.to(x.dtype).contiguous(memory_format=_memory_format(x))
+        dx_eval, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, w_eff, mean, var, None, None, False, spec.eps, [need_dx, True, True]
+        )
+    else:
+        dx_eval = torch.zeros_like(x) if need_dx else None
+        sum_dy_xhat = torch.zeros(C, dtype=acc, device=mean.device)
+        sum_dy = torch.zeros_like(sum_dy_xhat)
+    # grad_weight from native_batch_norm_backward is sum(dy * x_hat) without the weight factor
+    local_dy_xhat = sum_dy_xhat.to(acc)
+    local_dy = sum_dy.to(acc)
+    dx = None
+    if need_dx:
+        packed = torch.cat([local_dy, local_dy_xhat])
+        comm.all_reduce_sum(packed, spec.process_group)
+        if x.numel() > 0 and ctx.total > 0:
+            g_dy, g_dy_xhat = packed[:C], packed[C:]
+            invstd = torch.rsqrt(var + spec.eps)
+            scale = invstd if w_eff is None else w_eff * invstd
+            # dx = scale * (dy - (sum dy + x_hat * sum dy*x_hat) / N) = dx_eval + x * B + Cc per channel
+            B = -scale * invstd * g_dy_xhat / ctx.total
+            Cc = -scale * g_dy / ctx.total - B * mean
+            nd = x.dim()
+            if dx_eval.dtype == acc:
+                dx = dx_eval.addcmul_(x, _view(B, nd)).add_(_view(Cc, nd))
+            else:
+                dx = torch.addcmul(_view(Cc, nd), x.to(acc), _view(B, nd)).add_(dx_eval.to(acc))
+            if dx.dtype != ctx.in_dtype:
+                dx = dx.to(ctx.in_dtype).contiguous(memory_format=_memory_format(x))
+        else:
+            dx = dx_eval
+    dw = db = None
+    if need_dw:
+        dw = local_dy_xhat if ctx.r is None else local_dy_xhat * ctx.r + local_dy * ctx.d
+        dw = dw.to(weight.dtype)
+    if need_db:
+        db = local_dy.to(weight.dtype if weight is not None else acc)
+    return dx, dw, db, None
+
+
+def _centered(x: torch.Tensor, center: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
+    if center is None:
+        return x
+    return x.to(acc) - _view(center, x.dim())
+
+
+def _memory_format(x: torch.Tensor):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def normalize(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    *,
+    eps: float,
+    num_features: Optional[int] = None,
+    process_group=None,
+    layer_name: str = "layer",
+    prior: Optional[Moments] = None,
+    renorm: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
+    extra: Optional[torch.Tensor] = None,
+    extra_numel: Optional[int] = None,
+    error: Optional[BaseException] = None,
+) -> tuple[torch.Tensor, NormInfo]:
+    """Normalise ``x`` with statistics that are global over ``process_group`` (the shared training path).
+
+    Args:
+        x: ``(N, C, *)`` input of this rank; N may be 0 (the rank still joins both collectives).
+        weight, bias: per-channel affine parameters or None.
+        eps: added to the variance.
+        num_features: C (defaults to ``x.shape[1]``; layers pass their own so bad input packs the right size).
+        process_group: group to synchronise over (None = the world; world 1 = no collective).
+        layer_name: used in error messages.
+        prior: constant moments merged with the batch before normalising (no gradient flows into them); the
+            backward then divides by the merged count.
+        renorm: ``f(batch_mean, batch_var_biased) -> (r, d)`` giving Batch-Renorm factors (treated as constants).
+        extra, extra_numel: payload summed over ranks in the same forward collective.
+        error: invalid-input exception of this rank (see :func:`syncnorm.stats.global_moments`).
+
+    Returns:
+        ``(y, info)``: the output in ``x``'s dtype and memory format, and a :class:`NormInfo`.
+
+    Bytes moved: forward ``8 * (2C + 2 + extra)``, backward ``2C`` values of the accumulation dtype (4 or 8 bytes),
+    per rank, whatever the world size.
+    """
+    C = x.shape[1] if num_features is None else num_features
+    if error is None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != C:
+        error = ValueError(f"{layer_name}: expected {C} channels in dim 1, got {x.shape[1]}")
+    device = weight.device if weight is not None else (x.device if isinstance(x, torch.Tensor) else None)
+    spec = _Spec(C, eps, process_group, layer_name, prior, renorm, extra, extra_numel, error, device)
+    y = _GlobalStatsNorm.apply(x, weight, bias, spec)
+    return y, spec.info
+
+
+def update_running_stats(
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    batch: Moments,
+    global_count: int,
+    momentum: Optional[float],
+) -> None:
+    """BatchNorm's running-statistics update from global batch moments, in place and without gradient.
+
+    ``running_var`` receives the *unbiased* variance with the global count. ``momentum=None`` gives the cumulative
+    moving average ``1 / num_batches_tracked``. A global count of 0 leaves every buffer untouched.
+    """
+    if running_mean is None or global_count == 0:
+        return
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+        else:
+            factor = momentum
+        unbiased = batch.m2 / max(global_count - 1, 1)
+        running_mean.mul_(1 - factor).add_(batch.mean.to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+
+
+def sync_batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    layer_name: str = "sync_batch_norm",
+) -> torch.Tensor:
+    """``F.batch_norm`` with batch statistics that are global over ``process_group``.
+
+    In training, mean and biased variance come from the union of every rank's batch (uneven and empty batches
+    weighted by their element counts) with one O(C) all-reduce in forward and one in backward, and the running
+    statistics are updated in place with the unbiased global variance. Outside training, or when
+    ``running_mean`` is None outside training, it is exactly ``F.batch_norm`` with no collective.
+    """
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0 if momentum is None else momentum, eps)
+    err = check_input(input, input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else -1, layer_name)
+    y, info = normalize(input, weight, bias, eps=eps, process_group=process_group, layer_name=layer_name, error=err)
+    update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, info.global_count, momentum)
+    return y
+
+
+def renorm_factors(
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-Renorm factors ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``.
+
+    ``sigma_B = sqrt(var_B + eps)`` with the biased batch variance, ``sigma = sqrt(running_var + eps)``. Computed in
+    fp64 without gradient.
+    """
+    with torch.no_grad():
+        sigma_b = torch.sqrt(batch_var.to(torch.float64) + eps)
+        sigma = torch.sqrt(running_var.to(torch.float64) + eps)
+        r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
+        d = ((batch_mean.to(torch.float64) - running_mean.to(torch.float64)) / sigma).clamp(-d_max, d_max)
+    return r, d
+
+
+def batch_renorm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    r_max: float = 1.0,
+    d_max: float = 0.0,
+    process_group=None,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    layer_name: str = "batch_renorm",
+) -> tuple[torch.Tensor, NormInfo | None]:
+    """Batch Renormalization (Ioffe 2017) with statistics global over ``process_group``.
+
+    Training: ``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` with ``r, d`` from :func:`renorm_factors`
+    (computed from the running statistics *before* this step's update, no gradient), then the running statistics
+    update as in BatchNorm. Eval: ``F.batch_norm`` with the running statistics. Returns ``(y, info)``; info is None
+    in eval.
+    """
+    if not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps), None
+    err = check_input(input, input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else -1, layer_name)
+    rm, rv = running_mean.detach().clone(), running_var.detach().clone()
+
+    def _rd(mean_b, var_b):
+        return renorm_factors(mean_b, var_b, rm, rv, eps, r_max, d_max)
+
+    y, info = normalize(input, weight, bias, eps=eps, process_group=process_group, layer_name=layer_name,
+                        renorm=_rd, error=err)
+    update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, info.global_count, momentum)
+    return y, info

@@ -1,0 +1,162 @@
+"""Cross-GPU Batch Normalization (MegDet): statistics all-reduced over a process group, on any backend."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import comm
+from ..functional import NormInfo, check_input, normalize, update_running_stats
+
+__all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm"]
+
+
+class GlobalStatsBatchNorm(_BatchNorm):
+    """Base of the synchronising layers: BatchNorm's parameters, buffers and state-dict keys, plus a process group.
+
+    Subclasses implement :meth:`_train_forward`; eval mode is handled here and is exactly ``nn.BatchNorm`` eval (no
+    collective). The layer's name in error messages is its qualified name when :func:`syncnorm.convert` created
+    it (or after :meth:`set_layer_name`), else ``ClassName(num_features)``.
+    """
+
+    _min_dim = 2
+    _max_dim: Optional[int] = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
+        if eps <= 0:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps!r}")
+        if momentum is not None and not (0.0 <= momentum <= 1.0):
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        self._syncnorm_name: Optional[str] = None
+        self.last_info: Optional[NormInfo] = None  # what the last training forward computed (for monitors)
+
+    # ------------------------------------------------------------------ naming and validation
+    @property
+    def layer_name(self) -> str:
+        """Name used in error messages: the qualified name if known, else ``ClassName(num_features)``."""
+        base = f"{type(self).__name__}({self.num_features})"
+        return f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base
+
+    def set_layer_name(self, name: str) -> None:
+        """Record the qualified name of this layer in its model, for error messages."""
+        self._syncnorm_name = name
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        err = check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
+        if err is not None:
+            raise err
+
+    def _input_error(self, input) -> Optional[BaseException]:
+        return check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks this layer synchronises over (1 when not distributed)."""
+        return comm.get_world_size(self.process_group)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self._check_input_dim(input)
+            # eval: nn.BatchNorm eval (running statistics, or local batch statistics without running stats)
+            return F.batch_norm(
+                input,
+                self.running_mean if self.track_running_stats else None,
+                self.running_var if self.track_running_stats else None,
+                self.weight,
+                self.bias,
+                self._use_batch_stats(),
+                0.0,
+                self.eps,
+            )
+        return self._train_forward(input)
+
+    def _train_forward(self, input: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update_running(self, info: NormInfo) -> None:
+        if self.track_running_stats:
+            update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, info.batch,
+                                 info.global_count, self.momentum)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.process_group is not None:
+            s += f", group_size={self.world_size}"
+        return s
+
+
+class SyncBatchNorm(GlobalStatsBatchNorm):
+    r"""Batch Normalization whose batch statistics are global over a process group, on CPU (gloo) and CUDA (NCCL).
+
+    Accepts any input of shape ``(N, C, *)`` (1d, 2d and 3d feature maps, any memory format).
+
+    **Training, world size W > 1.** Per channel, the mean and biased variance used to normalise are those of the
+    union of the W ranks' batches, exactly as ``nn.BatchNorm`` on the concatenated batch would compute them:
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``. Ranks are weighted by their number of values per channel,
+    so uneven batches are exact. A rank with ``N = 0`` joins both collectives and returns an empty output. If the
+    whole group holds no values the output is empty everywhere and the running statistics are untouched; if it holds
+    exactly one value per channel, every rank raises the same ValueError (as ``nn.BatchNorm`` does).
+
+    **Gradients.** The input gradient is the exact gradient of the sum of every rank's loss, as in
+    ``torch.nn.SyncBatchNorm``; ``weight``/``bias`` gradients are the local ones (DDP averages them).
+
+    **Running statistics** (when ``track_running_stats``) are updated identically on every rank from the global
+    statistics: ``running_var`` with the *unbiased* global variance (global count ``N_total - 1``), ``momentum=None``
+    gives the cumulative average, and ``num_batches_tracked`` counts training forwards with a non-empty global batch.
+
+    **Cost.** Exactly one all-reduce in forward, of ``2C + 2`` fp64 values (``16C + 16`` bytes), and one in backward,
+    of ``2C`` values in the accumulation dtype (``8C`` bytes for fp32/fp16/bf16 input, ``16C`` for fp64), per rank,
+    independent of W. ``torch.nn.SyncBatchNorm`` all-gathers ``O(W * C)``.
+
+    **World size 1, no process group, eval mode.** No collective. Eval mode is exactly ``nn.BatchNorm`` eval
+    (running statistics; without running statistics, this rank's batch statistics). World size 1 in training gives
+    ``nn.BatchNorm`` training results (to floating-point rounding) through the same fused path, which is faster than
+    the native CPU kernel.
+
+    **Precision and layout.** Statistics accumulate in fp32 (fp64 for fp64 input) even for fp16/bf16 input or under
+    autocast; the output has the input's dtype and memory format (channels_last / channels_last_3d preserved).
+
+    **Errors.** Input with fewer than 2 dims, a wrong channel count or a non-floating dtype raises ValueError /
+    TypeError naming the layer, the expected and the actual value. In training the offending rank still joins the
+    forward collective with an error flag, so every other rank raises :class:`syncnorm.stats.PeerInputError`
+    instead of hanging.
+
+    Args:
+        num_features: C, the number of channels (dim 1 of the input).
+        eps: added to the variance for stability.
+        momentum: running-statistics momentum, or None for a cumulative average.
+        affine: learn per-channel ``weight`` and ``bias``.
+        track_running_stats: keep ``running_mean``/``running_var``/``num_batches_tracked``.
+        process_group: group to synchronise over; None means the default (world) group. See
+            :func:`syncnorm.comm.new_groups` for groups of k ranks.
+    """
+
+    def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
+        y, info = normalize(
+            input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
+            process_group=self.process_group, layer_name=self.layer_name, error=self._input_error(input),
+        )
+        self._update_running(info)
+        self.last_info = info
+        return y

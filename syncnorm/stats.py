@@ -1,0 +1,248 @@
+"""Per-channel moments: local moments, the exact merge, the one collective, and global moments.
+
+Every syncnorm layer gets its batch statistics from :func:`global_moments`. The data path is
+
+1. **Local moments** of an ``(N, C, *)`` input in at least fp32 (fp64 for fp64 input), as *shifted* sums:
+   ``s1 = sum(x - k)`` and ``s2 = sum((x - k)^2)`` with ``k`` one sample of each channel. Shifting keeps the fast
+   ``sum``/``sum of squares`` kernels stable for data whose mean is far larger than its spread (mean 1e4, std 1).
+2. **One collective.** Each rank packs ``[n, error_flag, n*m, M2 + n*m^2, extra...]`` in fp64 (``m`` the local mean,
+   ``M2`` the local sum of squared deviations) and all-reduces the vector with a sum. The vector has ``2C + 2``
+   entries plus an optional caller payload, so the bytes a rank sends do not depend on the world size.
+3. **Global moments** ``(N, mean, M2)`` come out of the summed vector in fp64; the merge is exact (Chan et al.),
+   so uneven and empty per-rank batches are weighted by their element counts.
+
+:class:`Moments` also merges with moments from elsewhere (earlier micro-batches for CmBN, compensated history for
+CBN, accumulated batches for PreciseBN) with the same exact formula.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from . import comm
+
+__all__ = [
+    "Moments",
+    "LocalSums",
+    "accumulation_dtype",
+    "reduce_dims",
+    "local_sums",
+    "global_moments",
+    "moments_of",
+    "PeerInputError",
+    "GlobalMoments",
+]
+
+_STATS_DTYPE = torch.float64  # dtype of the packed vector and of the global moments
+
+
+class PeerInputError(ValueError):
+    """Raised on the ranks whose own input was valid when another rank of the group had invalid input.
+
+    The rank with the invalid input raises the detailed ValueError/TypeError; the others raise this, so no rank
+    hangs in a collective its peers never join.
+    """
+
+
+class Moments(NamedTuple):
+    """Per-channel moments of a set of values, in fp64.
+
+    ``count`` is a 0-d tensor (the number of values per channel, the same for every channel), ``mean`` and ``m2``
+    have shape ``(C,)``; ``m2`` is the sum of squared deviations from ``mean``.
+    """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @staticmethod
+    def empty(num_features: int, device=None) -> "Moments":
+        """Moments of no values (count 0, mean 0, m2 0)."""
+        z = torch.zeros(num_features, dtype=_STATS_DTYPE, device=device)
+        return Moments(torch.zeros((), dtype=_STATS_DTYPE, device=device), z, z.clone())
+
+    @staticmethod
+    def from_mean_var(count, mean: torch.Tensor, var: torch.Tensor) -> "Moments":
+        """Moments of ``count`` values with the given mean and *biased* variance."""
+        mean = mean.to(_STATS_DTYPE)
+        count = torch.as_tensor(count, dtype=_STATS_DTYPE, device=mean.device)
+        return Moments(count, mean, var.to(_STATS_DTYPE) * count)
+
+    def var(self, unbiased: bool = False) -> torch.Tensor:
+        """Biased (``m2 / n``) or unbiased (``m2 / (n - 1)``) variance; 0 where the count is too small."""
+        denom = self.count - 1 if unbiased else self.count
+        return torch.where(denom > 0, self.m2 / denom.clamp_min(1), torch.zeros_like(self.m2))
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Exact moments of the union of both sets (Chan's parallel update); either may be empty."""
+        n = self.count + other.count
+        safe_n = torch.where(n > 0, n, torch.ones_like(n))
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / safe_n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe_n)
+        return Moments(n, mean, m2)
+
+    def detach(self) -> "Moments":
+        return Moments(self.count.detach(), self.mean.detach(), self.m2.detach())
+
+
+class LocalSums(NamedTuple):
+    """Shifted sums of one rank's input: ``count`` values per channel, ``s1 = sum(x - shift)``,
+    ``s2 = sum((x - shift)^2)``, in the accumulation dtype."""
+
+    count: int
+    shift: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor
+
+    def to_moments(self) -> Moments:
+        """Local :class:`Moments` in fp64 (mean = shift + s1/n, M2 = s2 - s1^2/n)."""
+        device = self.s1.device
+        n = torch.tensor(float(self.count), dtype=_STATS_DTYPE, device=device)
+        if self.count == 0:
+            z = torch.zeros_like(self.s1, dtype=_STATS_DTYPE)
+            return Moments(n, z, z.clone())
+        s1 = self.s1.to(_STATS_DTYPE)
+        s2 = self.s2.to(_STATS_DTYPE)
+        mean = self.shift.to(_STATS_DTYPE) + s1 / self.count
+        m2 = (s2 - s1 * s1 / self.count).clamp_min(0)
+        return Moments(n, mean, m2)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 input, fp32 for everything else (fp16/bf16 statistics accumulate in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(x: torch.Tensor) -> list[int]:
+    """All dimensions but the channel dimension 1 of an ``(N, C, *)`` tensor."""
+    return [0] + list(range(2, x.dim()))
+
+
+def local_sums(x: torch.Tensor) -> LocalSums:
+    """Shifted per-channel sums of ``x`` (shape ``(N, C, *)``), accumulated in :func:`accumulation_dtype`.
+
+    The shift of channel ``c`` is the first element of that channel, which puts the shifted values within a few
+    standard deviations of zero for any data, so ``s2 - s1^2/n`` does not cancel catastrophically.
+    """
+    acc = accumulation_dtype(x.dtype)
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    if count == 0:
+        z = torch.zeros(channels, dtype=acc, device=x.device)
+        return LocalSums(0, z, z.clone(), z.clone())
+    dims = reduce_dims(x)
+    shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(acc)
+    view = [1, channels] + [1] * (x.dim() - 2)
+    if x.dtype == acc:
+        xs = x - shift.view(view)
+    else:
+        xs = x.to(acc) - shift.view(view)
+    s1 = xs.sum(dims)
+    s2 = xs.mul_(xs).sum(dims)
+    return LocalSums(count, shift, s1, s2)
+
+
+def _pack(local: Optional[LocalSums], num_features: int, device, extra: Optional[torch.Tensor],
+          extra_numel: int, error: bool) -> torch.Tensor:
+    buf = torch.zeros(2 + 2 * num_features + extra_numel, dtype=_STATS_DTYPE, device=device)
+    if error:
+        buf[1] = 1.0
+        return buf
+    if local is not None and local.count > 0:
+        mom = local.to_moments()
+        n = float(local.count)
+        buf[0] = n
+        buf[2:2 + num_features] = mom.mean * n
+        buf[2 + num_features:2 + 2 * num_features] = mom.m2 + mom.mean * mom.mean * n
+    if extra_numel:
+        buf[2 + 2 * num_features:] = extra.reshape(-1).to(_STATS_DTYPE)
+    return buf
+
+
+class GlobalMoments(NamedTuple):
+    """Result of :func:`global_moments`.
+
+    Attributes:
+        moments: fp64 :class:`Moments` of the union of all ranks' batches.
+        count: the global number of values per channel, as a Python int (identical on every rank).
+        extra_sum: the caller's payload summed over ranks (fp64), or None.
+        mean_to_std: ``max_c |mean_c| / sqrt(var_c + eps)`` as a Python float. Large values mean that
+            ``x * scale + shift`` would cancel catastrophically, so :func:`syncnorm.functional.normalize` centres
+            the input first.
+    """
+
+    moments: Moments
+    count: int
+    extra_sum: Optional[torch.Tensor]
+    mean_to_std: float
+
+
+def global_moments(
+    x: Optional[torch.Tensor],
+    num_features: int,
+    process_group=None,
+    *,
+    device=None,
+    extra: Optional[torch.Tensor] = None,
+    extra_numel: Optional[int] = None,
+    error: Optional[BaseException] = None,
+    layer_name: str = "layer",
+    eps: float = 1e-5,
+) -> GlobalMoments:
+    """Global per-channel moments of ``x`` over ``process_group``, with **one** all-reduce.
+
+    Args:
+        x: this rank's ``(N, C, *)`` input (N may be 0); ignored when ``error`` is given.
+        num_features: C, taken from the layer so that a rank with invalid input still packs the right size.
+        process_group: group to reduce over (None = the world). World 1 issues no collective.
+        device: device of the packed vector (defaults to ``x.device``).
+        extra: optional payload summed over ranks in the same collective (CBN's weight-gradient statistics).
+        extra_numel: size of the payload; must be given when ``error`` is set and a payload is used.
+        error: when this rank's input is invalid, the exception to raise. The rank still joins the collective with
+            an error flag, then raises ``error``; the other ranks raise :class:`PeerInputError`.
+        layer_name: used in error messages.
+        eps: the layer's eps, for :attr:`GlobalMoments.mean_to_std`.
+
+    Returns:
+        a :class:`GlobalMoments`.
+    """
+    if extra_numel is None:
+        extra_numel = 0 if extra is None else extra.numel()
+    if device is None:
+        device = x.device
+    local = None if (error is not None or x is None) else local_sums(x)
+    buf = _pack(local, num_features, device, extra, extra_numel, error is not None)
+    comm.all_reduce_sum(buf, process_group)
+    n = buf[0]
+    safe_n = n.clamp_min(1)
+    mean = buf[2:2 + num_features] / safe_n
+    m2 = (buf[2 + num_features:2 + 2 * num_features] - mean * mean * n).clamp_min(0)
+    ratio = (mean.abs() / (m2 / safe_n + eps).sqrt()).amax() if num_features else buf[0] * 0
+    # One host read per forward: the error flag and the global count decide what every rank does next,
+    # identically on every rank.
+    count, flag, mean_to_std = torch.stack([buf[0], buf[1], ratio]).tolist()
+    if error is not None:
+        raise error
+    if flag > 0:
+        raise PeerInputError(
+            f"{layer_name}: {int(flag)} other rank(s) of the process group passed invalid input to this layer "
+            "(see the error raised on those ranks); every rank stops here instead of hanging"
+        )
+    extra_sum = buf[2 + 2 * num_features:] if extra_numel else None
+    return GlobalMoments(Moments(n, mean, m2), int(round(count)), extra_sum, mean_to_std)
+
+
+def moments_of(x: torch.Tensor) -> Moments:
+    """Local fp64 :class:`Moments` of an ``(N, C, *)`` tensor (no collective)."""
+    return local_sums(x).to_moments()
+
+
+def merge_all(parts: Sequence[Moments]) -> Moments:
+    """Exact merge of several :class:`Moments` (left to right)."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.merge(p)
+    return out
