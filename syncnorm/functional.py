@@ -86,13 +86,24 @@ class _GlobalStatsNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec: "_Spec"):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _forward(ctx, x, weight, bias, spec)
+        if _autocast_on(x.device.type):
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return _forward(ctx, x, weight, bias, spec)
+        return _forward(ctx, x, weight, bias, spec)
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
-            return _backward(ctx, grad_out)
+        if _autocast_on(grad_out.device.type):
+            with torch.autocast(device_type=grad_out.device.type, enabled=False):
+                return _backward(ctx, grad_out)
+        return _backward(ctx, grad_out)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device_type argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 @dataclass
@@ -131,21 +142,20 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
     center = None
     if mean_to_std > _CENTER_ABOVE and x.numel() > 0:
         center = used.mean.to(acc)
-    mean = used.mean.to(acc) if center is None else (used.mean - center.to(used.mean.dtype)).to(acc)
-    var = used.var().to(acc)
+        mean = (used.mean - center.to(used.mean.dtype)).to(acc)
+    else:
+        mean = used.mean.to(acc)
+    var = (used.m2 / max(total, 1)).to(acc)
     r = d = None
+    w_eff, b_eff = weight, bias
     if spec.renorm is not None:
-        r, d = spec.renorm(batch.mean, batch.var())
-        r = r.to(acc)
-        d = d.to(acc)
-    w_eff = weight.to(acc) if weight is not None else None
-    b_eff = bias.to(acc) if bias is not None else None
-    if r is not None:
-        w_eff = r if w_eff is None else w_eff * r
+        r, d = spec.renorm(batch.mean, batch.m2 / max(global_count, 1))
+        r, d = r.to(acc), d.to(acc)
+        w_eff = r if weight is None else weight.to(acc) * r
         wd = d if weight is None else weight.to(acc) * d
-        b_eff = wd if b_eff is None else b_eff + wd
+        b_eff = wd if bias is None else bias.to(acc) + wd
     if total == 0:
-        y = x.clone() if b_eff is None else x + 0  # empty everywhere: nothing to normalise
+        y = x.clone()  # empty on every rank: nothing to normalise
     else:
         y = F.batch_norm(_centered(x, center, acc), mean, var, w_eff, b_eff, training=False, momentum=0.0,
                          eps=spec.eps)
@@ -157,56 +167,54 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
     ctx.spec = spec
     ctx.total = total
     ctx.r, ctx.d = r, d
-    ctx.has_bias = bias is not None
     ctx.in_dtype = x.dtype
     return y
 
 
 def _backward(ctx, grad_out):
     x, weight, mean, var, w_eff, center = ctx.saved_tensors
-    x = _centered(x, center, acc=mean.dtype)
     spec: _Spec = ctx.spec
     acc = mean.dtype
     C = spec.num_features
-    need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    x = _centered(x, center, acc)
+    if x.dtype != acc:
+        x = x.to(acc)
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     if x.numel() > 0:
-        grad_out = grad_out.to(x.dtype).contiguous(memory_format=_memory_format(x))
-        dx_eval, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, w_eff, mean, var, None, None, False, spec.eps, [need_dx, True, True]
+        dy = grad_out.to(acc).contiguous(memory_format=_memory_format(x))
+        # eval-mode native backward used as a fused reduction: sum(dy * (x - mean) * invstd) and sum(dy)
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, None, mean, var, None, None, False, spec.eps, [False, True, True]
         )
+        sum_dy_xhat, sum_dy = sum_dy_xhat.to(acc), sum_dy.to(acc)
     else:
-        dx_eval = torch.zeros_like(x) if need_dx else None
+        dy = None
         sum_dy_xhat = torch.zeros(C, dtype=acc, device=mean.device)
         sum_dy = torch.zeros_like(sum_dy_xhat)
-    # grad_weight from native_batch_norm_backward is sum(dy * x_hat) without the weight factor
-    local_dy_xhat = sum_dy_xhat.to(acc)
-    local_dy = sum_dy.to(acc)
     dx = None
     if need_dx:
-        packed = torch.cat([local_dy, local_dy_xhat])
-        comm.all_reduce_sum(packed, spec.process_group)
-        if x.numel() > 0 and ctx.total > 0:
+        # the one backward collective: [sum dy, sum dy * x_hat] over the group (2C values)
+        packed = comm.all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]), spec.process_group)
+        if x.numel() > 0:
             g_dy, g_dy_xhat = packed[:C], packed[C:]
             invstd = torch.rsqrt(var + spec.eps)
-            scale = invstd if w_eff is None else w_eff * invstd
-            # dx = scale * (dy - (sum dy + x_hat * sum dy*x_hat) / N) = dx_eval + x * B + Cc per channel
-            B = -scale * invstd * g_dy_xhat / ctx.total
-            Cc = -scale * g_dy / ctx.total - B * mean
+            scale = invstd if w_eff is None else w_eff.to(acc) * invstd
+            # dx = scale * (dy - (sum dy + x_hat * sum dy*x_hat) / N) = dy * scale + x * B + Cc per channel
+            B = scale * invstd * g_dy_xhat * (-1.0 / ctx.total)
+            Cc = scale * g_dy * (-1.0 / ctx.total) - B * mean
             nd = x.dim()
-            if dx_eval.dtype == acc:
-                dx = dx_eval.addcmul_(x, _view(B, nd)).add_(_view(Cc, nd))
-            else:
-                dx = torch.addcmul(_view(Cc, nd), x.to(acc), _view(B, nd)).add_(dx_eval.to(acc))
+            dx = torch.addcmul(_view(Cc, nd), x, _view(B, nd)).addcmul_(dy, _view(scale, nd))
             if dx.dtype != ctx.in_dtype:
-                dx = dx.to(ctx.in_dtype).contiguous(memory_format=_memory_format(x))
+                dx = dx.to(ctx.in_dtype)
+            dx = dx.contiguous(memory_format=_memory_format(x))
         else:
-            dx = dx_eval
+            dx = torch.zeros_like(x, dtype=ctx.in_dtype)
     dw = db = None
     if need_dw:
-        dw = local_dy_xhat if ctx.r is None else local_dy_xhat * ctx.r + local_dy * ctx.d
+        dw = sum_dy_xhat if ctx.r is None else sum_dy_xhat * ctx.r + sum_dy * ctx.d
         dw = dw.to(weight.dtype)
     if need_db:
-        db = local_dy.to(weight.dtype if weight is not None else acc)
+        db = sum_dy.to(weight.dtype if weight is not None else acc)
     return dx, dw, db, None
 
 

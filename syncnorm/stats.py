@@ -2,11 +2,11 @@
 
 Every syncnorm layer gets its batch statistics from :func:`global_moments`. The data path is
 
-1. **Local moments** of an ``(N, C, *)`` input in at least fp32 (fp64 for fp64 input), as *shifted* sums:
-   ``s1 = sum(x - k)`` and ``s2 = sum((x - k)^2)`` with ``k`` one sample of each channel. Shifting keeps the fast
-   ``sum``/``sum of squares`` kernels stable for data whose mean is far larger than its spread (mean 1e4, std 1).
-2. **One collective.** Each rank packs ``[n, error_flag, n*m, M2 + n*m^2, extra...]`` in fp64 (``m`` the local mean,
-   ``M2`` the local sum of squared deviations) and all-reduces the vector with a sum. The vector has ``2C + 2``
+1. **Local sums** of an ``(N, C, *)`` input in at least fp32 (fp64 for fp64 input): ``sum(x)`` and ``sum(x^2)`` in
+   one fast pass each, or, for channels whose mean is far larger than their spread (mean 1e4, std 1), *shifted*
+   sums ``sum(x - k)``, ``sum((x - k)^2)`` around the local mean ``k``, so nothing cancels catastrophically.
+2. **One collective.** Each rank packs ``[n, error_flag, sum x, sum x^2, extra...]`` in fp64 (raw sums, rebuilt
+   exactly in fp64 from shifted ones) and all-reduces the vector with a sum. The vector has ``2C + 2``
    entries plus an optional caller payload, so the bytes a rank sends do not depend on the world size.
 3. **Global moments** ``(N, mean, M2)`` come out of the summed vector in fp64; the merge is exact (Chan et al.),
    so uneven and empty per-rank batches are weighted by their element counts.
@@ -89,11 +89,11 @@ class Moments(NamedTuple):
 
 
 class LocalSums(NamedTuple):
-    """Shifted sums of one rank's input: ``count`` values per channel, ``s1 = sum(x - shift)``,
-    ``s2 = sum((x - shift)^2)``, in the accumulation dtype."""
+    """Sums of one rank's input: ``count`` values per channel, ``s1 = sum(x - shift)``, ``s2 = sum((x - shift)^2)``
+    in the accumulation dtype; ``shift`` is None (raw sums) or a per-channel tensor."""
 
     count: int
-    shift: torch.Tensor
+    shift: Optional[torch.Tensor]
     s1: torch.Tensor
     s2: torch.Tensor
 
@@ -106,8 +106,10 @@ class LocalSums(NamedTuple):
             return Moments(n, z, z.clone())
         s1 = self.s1.to(_STATS_DTYPE)
         s2 = self.s2.to(_STATS_DTYPE)
-        mean = self.shift.to(_STATS_DTYPE) + s1 / self.count
-        m2 = (s2 - s1 * s1 / self.count).clamp_min(0)
+        mean = s1 / self.count
+        m2 = (s2 - s1 * mean).clamp_min(0)
+        if self.shift is not None:
+            mean = mean + self.shift.to(_STATS_DTYPE)
         return Moments(n, mean, m2)
 
 
@@ -121,45 +123,74 @@ def reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def local_sums(x: torch.Tensor) -> LocalSums:
-    """Shifted per-channel sums of ``x`` (shape ``(N, C, *)``), accumulated in :func:`accumulation_dtype`.
+# Raw (unshifted) sums lose digits in s2 - s1^2/n once mean^2 exceeds this multiple of the variance; such inputs
+# are summed again around their mean (an exact two-pass), others keep the single fast pass.
+_SHIFT_ABOVE = 100.0
 
-    The shift of channel ``c`` is the first element of that channel, which puts the shifted values within a few
-    standard deviations of zero for any data, so ``s2 - s1^2/n`` does not cancel catastrophically.
+
+def _sums(x: torch.Tensor, acc: torch.dtype, shift: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    N, C = x.shape[0], x.shape[1]
+    if x.dtype != acc:
+        x = x.to(acc)
+    if shift is None and x.is_contiguous():
+        rows = x.reshape(N, C, -1)
+        # one pass each, no temporary: sum and 2-norm along the contiguous spatial axis, then over the batch
+        return rows.sum(2).sum(0), torch.linalg.vector_norm(rows, 2, 2).square().sum(0)
+    if x.dim() > 2 and not x.is_contiguous():
+        # channels_last and friends: (N, *, C) rows with C contiguous
+        rows = x.movedim(1, -1).reshape(-1, C)
+    else:
+        rows = x.reshape(N, C, -1).transpose(1, 2).reshape(-1, C) if x.dim() > 2 else x
+    if shift is not None:
+        rows = rows - shift
+    return rows.sum(0), (rows * rows).sum(0)
+
+
+def local_sums(x: torch.Tensor) -> LocalSums:
+    """Per-channel sums of ``x`` (shape ``(N, C, *)``), accumulated in :func:`accumulation_dtype`.
+
+    One pass computes ``sum(x)`` and ``sum(x^2)``. When that is ill-conditioned (``mean^2 > 100 var`` in some
+    channel, e.g. mean 1e4 with unit variance) the channel sums are recomputed around the local mean, so
+    ``s2 - s1^2/n`` never cancels catastrophically. Empty input gives zero sums.
     """
     acc = accumulation_dtype(x.dtype)
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
     if count == 0:
         z = torch.zeros(channels, dtype=acc, device=x.device)
-        return LocalSums(0, z, z.clone(), z.clone())
-    dims = reduce_dims(x)
-    shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(acc)
-    view = [1, channels] + [1] * (x.dim() - 2)
-    if x.dtype == acc:
-        xs = x - shift.view(view)
-    else:
-        xs = x.to(acc) - shift.view(view)
-    s1 = xs.sum(dims)
-    s2 = xs.mul_(xs).sum(dims)
-    return LocalSums(count, shift, s1, s2)
+        return LocalSums(0, None, z, z.clone())
+    s1, s2 = _sums(x, acc, None)
+    mean = s1 / count
+    var = s2 / count - mean * mean
+    if bool((mean * mean > _SHIFT_ABOVE * var.clamp_min(0)).any()):
+        shift = mean
+        s1, s2 = _sums(x, acc, shift)
+        return LocalSums(count, shift, s1, s2)
+    return LocalSums(count, None, s1, s2)
 
 
 def _pack(local: Optional[LocalSums], num_features: int, device, extra: Optional[torch.Tensor],
           extra_numel: int, error: bool) -> torch.Tensor:
-    buf = torch.zeros(2 + 2 * num_features + extra_numel, dtype=_STATS_DTYPE, device=device)
-    if error:
-        buf[1] = 1.0
-        return buf
-    if local is not None and local.count > 0:
-        mom = local.to_moments()
-        n = float(local.count)
-        buf[0] = n
-        buf[2:2 + num_features] = mom.mean * n
-        buf[2 + num_features:2 + 2 * num_features] = mom.m2 + mom.mean * mom.mean * n
+    head = torch.tensor([0.0, 1.0 if error else 0.0], dtype=_STATS_DTYPE, device=device)
+    if error or local is None or local.count == 0:
+        body = torch.zeros(2 * num_features, dtype=_STATS_DTYPE, device=device)
+    else:
+        head[0] = float(local.count)
+        s1 = local.s1.to(_STATS_DTYPE)
+        s2 = local.s2.to(_STATS_DTYPE)
+        if local.shift is not None:
+            # back to raw sums in fp64: sum x = s1 + n k, sum x^2 = s2 + 2 k s1 + n k^2
+            k = local.shift.to(_STATS_DTYPE)
+            s2 = s2 + k * (2 * s1 + local.count * k)
+            s1 = s1 + local.count * k
+        body = torch.cat([s1, s2])
+    parts = [head, body]
     if extra_numel:
-        buf[2 + 2 * num_features:] = extra.reshape(-1).to(_STATS_DTYPE)
-    return buf
+        if error or extra is None:
+            parts.append(torch.zeros(extra_numel, dtype=_STATS_DTYPE, device=device))
+        else:
+            parts.append(extra.reshape(-1).to(_STATS_DTYPE))
+    return torch.cat(parts)
 
 
 class GlobalMoments(NamedTuple):
@@ -218,12 +249,14 @@ def global_moments(
     comm.all_reduce_sum(buf, process_group)
     n = buf[0]
     safe_n = n.clamp_min(1)
-    mean = buf[2:2 + num_features] / safe_n
-    m2 = (buf[2 + num_features:2 + 2 * num_features] - mean * mean * n).clamp_min(0)
-    ratio = (mean.abs() / (m2 / safe_n + eps).sqrt()).amax() if num_features else buf[0] * 0
+    s1 = buf[2:2 + num_features]
+    mean = s1 / safe_n
+    m2 = (buf[2 + num_features:2 + 2 * num_features] - mean * s1).clamp_min_(0)
+    ratio = (mean * mean / (m2 / safe_n + eps)).amax()
     # One host read per forward: the error flag and the global count decide what every rank does next,
     # identically on every rank.
-    count, flag, mean_to_std = torch.stack([buf[0], buf[1], ratio]).tolist()
+    count, flag, ratio2 = torch.stack([buf[0], buf[1], ratio]).tolist()
+    mean_to_std = ratio2 ** 0.5
     if error is not None:
         raise error
     if flag > 0:
