@@ -93,7 +93,9 @@ def _time_shapes(repeats: int, skip_collective: bool) -> dict:
 
 
 def _world_worker(rank: int, world: int, repeats: int) -> dict:
-    return _time_shapes(repeats, skip_collective=True)
+    out = _time_shapes(repeats, skip_collective=True)
+    out["torch.nn.SyncBatchNorm"] = torch_syncbn_on_cpu()
+    return out
 
 
 def _ratio_rows(timings: dict, names: list[str]) -> list[list[object]]:
@@ -124,7 +126,7 @@ def bytes_table(channels: int = 256) -> str:
 def torch_syncbn_on_cpu() -> str:
     layer = nn.SyncBatchNorm(4)
     try:
-        layer(torch.randn(2, 4, 3, 3))
+        layer(torch.randn(2, 4, 3, 3)).sum().backward()
     except Exception as e:  # noqa: BLE001 - we report whatever torch says
         return f"refuses CPU input: {type(e).__name__}: {str(e).splitlines()[0]}"
     return "ran on CPU (unexpected: compare it too)"
@@ -137,8 +139,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    print(f"machine: {machine_line()}")
-    print(f"torch.nn.SyncBatchNorm on CPU: {torch_syncbn_on_cpu()}\n")
+    print(f"machine: {machine_line()}\n")
 
     names = ["syncnorm.SyncBatchNorm", "naive autograd SyncBN"]
     w1 = _time_shapes(args.repeats, skip_collective=False)
@@ -149,6 +150,7 @@ def main(argv=None) -> None:
         from tests.dist.harness import run_distributed
 
         res = run_distributed(_world_worker, 2, args.repeats, timeout=900)
+        print(f"\ntorch.nn.SyncBatchNorm in a 2-rank gloo world: {res[0]['torch.nn.SyncBatchNorm']}")
         names2 = names + ["SyncBatchNorm, collective skipped"]
         print("\n## World 2 (gloo, CPU, 1 thread/rank): forward+backward, ratio to nn.BatchNorm2d on the same local "
               "shape, collectives included (rank 0; rank 1 in parentheses)\n")
