@@ -17,6 +17,10 @@ from typing import Any
 from . import comm, functional, stats
 from .layers.sync_batchnorm import SyncBatchNorm
 
+# Eager, not lazy: importing the submodule syncnorm.convert binds the package attribute "convert" to the module,
+# which would shadow the function whenever the submodule is imported before syncnorm.convert is first looked up.
+from .convert import convert, revert, summary
+
 __version__ = "0.1.0"
 
 # Names resolved on first use, so that importing syncnorm stays cheap (Lightning is only imported when a callback
@@ -26,14 +30,12 @@ _LAZY = {
     "CrossIterationBatchNorm": "syncnorm.layers.cross_iteration",
     "CrossMiniBatchNorm": "syncnorm.layers.cross_minibatch",
     "FrozenBatchNorm": "syncnorm.layers.frozen",
-    "convert": "syncnorm.convert",
-    "revert": "syncnorm.convert",
-    "summary": "syncnorm.convert",
     "precise_bn": "syncnorm.callbacks.precise_bn",
 }
 _LAZY_MODULES = {"schedules", "callbacks", "launch", "cli", "layers"}
 
-__all__ = ["SyncBatchNorm", "comm", "functional", "stats", *sorted(_LAZY), *sorted(_LAZY_MODULES)]
+__all__ = ["SyncBatchNorm", "convert", "revert", "summary", "comm", "functional", "stats", *sorted(_LAZY),
+           *sorted(_LAZY_MODULES)]
 
 
 def __getattr__(name: str) -> Any:
