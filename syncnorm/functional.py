@@ -131,6 +131,7 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
         x, spec.num_features, spec.process_group, device=spec.device, extra=spec.extra,
         extra_numel=spec.extra_numel, error=spec.error, layer_name=spec.layer_name, eps=spec.eps,
     )
+    spec.extra = None  # ctx keeps spec until backward: do not keep the caller's payload alive with it
     used = batch if spec.prior is None else spec.prior.merge(batch)
     total = global_count + (0 if spec.prior is None else int(round(float(spec.prior.count))))
     if total == 1:

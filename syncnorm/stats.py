@@ -33,6 +33,8 @@ __all__ = [
     "moments_of",
     "PeerInputError",
     "GlobalMoments",
+    "all_reduce_moments",
+    "merge_all",
 ]
 
 _STATS_DTYPE = torch.float64  # dtype of the packed vector and of the global moments
@@ -247,7 +249,7 @@ def global_moments(
     local = None if (error is not None or x is None) else local_sums(x)
     buf = _pack(local, num_features, device, extra, extra_numel, error is not None)
     comm.all_reduce_sum(buf, process_group)
-    n = buf[0]
+    n = buf[0].clone()  # not a view: Moments must not keep the packed vector (and its payload) alive
     safe_n = n.clamp_min(1)
     s1 = buf[2:2 + num_features]
     mean = s1 / safe_n
@@ -266,6 +268,58 @@ def global_moments(
         )
     extra_sum = buf[2 + 2 * num_features:] if extra_numel else None
     return GlobalMoments(Moments(n, mean, m2), int(round(count)), extra_sum, mean_to_std)
+
+
+def all_reduce_moments(
+    parts: Sequence[Optional[Moments]],
+    num_features: Sequence[int],
+    process_group=None,
+    *,
+    device=None,
+    error: Optional[BaseException] = None,
+    what: str = "all_reduce_moments",
+) -> list[Moments]:
+    """Exact union over the ranks of ``process_group`` of several per-channel :class:`Moments`, with ONE all-reduce.
+
+    ``parts[i]`` holds this rank's moments for a set of ``num_features[i]`` channels, or None for none. Each part
+    travels as raw fp64 sums ``[n, sum x, sum x^2]`` (``2C + 1`` values), all parts packed into one vector with an
+    error flag in front. As in :func:`global_moments`, a rank whose own work failed passes ``error``: it still
+    joins the collective, then raises ``error``, and its peers raise :class:`PeerInputError` (no rank hangs).
+    Used where statistics accumulate over many batches first (PreciseBN), so one collective serves every layer.
+    """
+    if device is None:
+        device = next((p.mean.device for p in parts if p is not None), torch.device("cpu"))
+    sizes = [2 * int(c) + 1 for c in num_features]
+    buf = torch.zeros(1 + sum(sizes), dtype=_STATS_DTYPE, device=device)
+    if error is not None:
+        buf[0] = 1.0
+    else:
+        offset = 1
+        for part, c in zip(parts, num_features):
+            if part is not None:
+                n = part.count.to(_STATS_DTYPE)
+                s1 = part.mean.to(_STATS_DTYPE) * n
+                buf[offset] = n
+                buf[offset + 1:offset + 1 + c] = s1
+                buf[offset + 1 + c:offset + 1 + 2 * c] = part.m2.to(_STATS_DTYPE) + part.mean.to(_STATS_DTYPE) * s1
+            offset += 2 * c + 1
+    comm.all_reduce_sum(buf, process_group)
+    flag = float(buf[0])
+    if error is not None:
+        raise error
+    if flag > 0:
+        raise PeerInputError(f"{what}: {int(flag)} other rank(s) of the process group failed (see the error raised "
+                             "on those ranks); every rank stops here instead of hanging")
+    out = []
+    offset = 1
+    for c in num_features:
+        n = buf[offset].clone()
+        s1 = buf[offset + 1:offset + 1 + c]
+        mean = s1 / n.clamp_min(1)
+        m2 = (buf[offset + 1 + c:offset + 1 + 2 * c] - mean * s1).clamp_min(0)
+        out.append(Moments(n, mean, m2))
+        offset += 2 * c + 1
+    return out
 
 
 def moments_of(x: torch.Tensor) -> Moments:
