@@ -1,10 +1,13 @@
 """Convert any model's BatchNorm layers between norm families, revert them losslessly, and summarise them.
 
 :func:`convert` swaps every BatchNorm-like layer of a model for the layer of a *target* (the registry
-:data:`TARGETS`: one entry per target, so adding a layer family is one line), keeping the same Parameter objects,
-every buffer, the ``training`` flag, ``requires_grad``, device, dtype, ``qconfig`` and hooks. :func:`revert`
-brings syncnorm's layers back to plain ``nn.BatchNorm1d/2d/3d``; :func:`summary` prints the table of norm layers a
-user reads before and after.
+:data:`TARGETS`, target name -> :class:`Target`: one entry per target, so adding a layer family is one line),
+keeping the same Parameter objects, every buffer, the ``training`` flag, ``requires_grad``, device, dtype,
+``qconfig`` and hooks. :func:`revert` brings syncnorm's layers back to plain ``nn.BatchNorm1d/2d/3d``;
+:func:`summary` prints the table of norm layers a user reads before and after.
+
+``Pattern`` is the type of :func:`convert`'s ``include``/``exclude`` arguments: a glob string, a compiled regex, a
+predicate ``(qualified_name, module) -> bool``, an iterable of those, or None.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import fnmatch
 import importlib
 import inspect
+import numbers
 import re
 import sys
 import warnings
@@ -45,11 +49,20 @@ _BN_BY_DIM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Target:
-    """One conversion target: where its layer class lives and how a layer is built from a source layer.
+    """One conversion target of :data:`TARGETS`: where its layer class lives and how a layer is built.
 
-    ``build(target, source, kwargs)`` returns the new layer (parameters and buffers already transplanted);
-    :func:`convert` then copies the training flag, qconfig and hooks. The class is imported on first use, so a
-    target whose module is missing only fails when it is asked for.
+    Attributes:
+        module: dotted name of the module defining the layer class (imported on first use, so a target whose
+            module is missing only fails when it is asked for).
+        attr: name of the layer class in ``module`` (for ``"batch"``, ``BatchNorm2d`` stands for the 1d/2d/3d family).
+        build: ``build(target, source, layer_kwargs) -> nn.Module``, returning the new layer with the source's
+            parameters and buffers already transplanted; :func:`convert` then copies the training flag, qconfig,
+            hooks and the layer name.
+        kwargs: the ``layer_kwargs`` this target accepts, or None for "every argument of the layer constructor
+            except those taken from the source layer" (see :meth:`accepted_kwargs`).
+        pairs_with_conv: :func:`convert` ``attach``-es each new layer to the conv that feeds it.
+        reversible: False when the conversion drops BatchNorm's running statistics (``"group"``): :func:`revert`
+            then leaves these layers as they are, with a warning.
     """
 
     module: str
@@ -60,9 +73,16 @@ class Target:
     reversible: bool = True  # False: revert leaves these layers as they are, with a warning
 
     def layer_class(self) -> type:
+        """The layer class ``module.attr``, importing ``module`` if needed (ImportError/AttributeError if absent)."""
         return getattr(importlib.import_module(self.module), self.attr)
 
     def accepted_kwargs(self) -> tuple[str, ...]:
+        """Names of the ``layer_kwargs`` :func:`convert` accepts for this target, in a fixed order.
+
+        ``kwargs`` when it is set; otherwise the named parameters of ``layer_class().__init__`` (not ``*args`` /
+        ``**kwargs``) minus ``num_features``, ``affine``, ``track_running_stats``, ``device`` and ``dtype``, which
+        always come from each source layer.
+        """
         if self.kwargs is not None:
             return self.kwargs
         return tuple(p for p in _init_params(self.layer_class()) if p not in _FROM_SOURCE)
@@ -292,10 +312,7 @@ def _build_synchronising(target: Target, src: _Source, kwargs: dict) -> nn.Modul
             # a hyper-parameter the source layer has too (process_group of a synchronising layer, r_max of a
             # BatchRenorm, window of a CrossIterationBatchNorm, ...): keep it unless layer_kwargs override it
             kw[p] = getattr(src.module, p)
-    try:
-        new = _with_activation_if(cls, src)(src.num_features, **kw, device=src.device, dtype=src.dtype)
-    except (ValueError, TypeError) as e:  # the layer refused a setting: say which layer of the model
-        raise type(e)(f"syncnorm.convert: cannot convert {src.label} to {cls.__name__}: {e}") from e
+    new = _with_activation_if(cls, src)(src.num_features, **kw, device=src.device, dtype=src.dtype)
     _set_affine(new, src, as_parameters=True)
     return new
 
@@ -319,7 +336,11 @@ def _build_group(target: Target, src: _Source, kwargs: dict) -> nn.Module:
     c = src.num_features
     if "num_groups" in kwargs:
         g = kwargs["num_groups"]
-        if isinstance(g, bool) or not isinstance(g, int) or g < 1 or c % g:
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral):
+            raise TypeError(f"syncnorm.convert: {src.label} cannot become GroupNorm: num_groups must be an int "
+                            f"dividing num_features={c}, got {type(g).__name__} {g!r}; choices: {_divisors(c)}")
+        g = int(g)
+        if g < 1 or c % g:
             raise ValueError(
                 f"syncnorm.convert: {src.label} cannot become GroupNorm with num_groups={g!r}: num_groups must "
                 f"divide num_features={c}; choices: {_divisors(c)}")
@@ -539,13 +560,20 @@ def _pair_by_order(root: nn.Module, src: _Source) -> Optional[nn.Module]:
 # convert / revert
 # ---------------------------------------------------------------------------------------------------------------
 def _build(target: Target, src: _Source, kwargs: dict) -> nn.Module:
-    new = target.build(target, src, kwargs)
+    try:
+        new = target.build(target, src, kwargs)
+    except (ValueError, TypeError) as e:
+        if str(e).startswith("syncnorm.convert"):
+            raise
+        # the layer refused a setting: say which layer of the model
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(f"syncnorm.convert: cannot convert {src.label} to {target.attr}: {e}") from e
     if src.act is not None:
         new.drop, new.act = src.act  # the same modules (their state and training flags are kept)
     return new
 
 
-def _finish(new: nn.Module, src: _Source, notes: list[str]) -> None:
+def _finish(new: nn.Module, src: _Source, notes: list[str], share_hooks: bool) -> None:
     old = src.module
     new.training = old.training
     if hasattr(old, "qconfig"):
@@ -556,9 +584,14 @@ def _finish(new: nn.Module, src: _Source, notes: list[str]) -> None:
             mine = getattr(new, key)
             if mine:
                 mine.update(hooks)
-            else:
-                # the same dict object: handles returned by register_forward_hook still remove these hooks
+            elif share_hooks:
+                # the old layer leaves the model: hand over the dict itself, so the handles register_*_hook
+                # returned before the conversion (weak references to this dict) still remove these hooks
                 setattr(new, key, hooks)
+            else:
+                # the old layer stays in use (a root BatchNorm): a shared dict would make a hook added to
+                # either layer later fire on both
+                setattr(new, key, type(hooks)(hooks))
     if getattr(old, "_is_full_backward_hook", None) is not None:
         new._is_full_backward_hook = old._is_full_backward_hook
     new._syncnorm_origin = src.origin
@@ -590,8 +623,8 @@ def convert(module: nn.Module, to: str, *, include: Pattern = None, exclude: Pat
     **What is kept:** the same ``weight``/``bias`` Parameter objects (an optimizer built before the conversion still
     trains them; their ``requires_grad`` and names are unchanged), the same ``running_mean``, ``running_var`` and
     ``num_batches_tracked`` tensors and any other buffer a user registered, ``eps``, ``momentum``, the ``training``
-    flag of each layer, device and dtype, ``qconfig``, forward hooks and pre-hooks (handles keep working) and
-    backward hooks. A hyper-parameter both layers have (``process_group`` of a synchronising source, ``r_max`` of a
+    flag of each layer, device and dtype, ``qconfig``, forward hooks and pre-hooks, and backward hooks (see
+    **Hooks**). A hyper-parameter both layers have (``process_group`` of a synchronising source, ``r_max`` of a
     BatchRenorm source, ``window`` of a CrossIterationBatchNorm source) is kept unless ``layer_kwargs`` sets it.
     Exceptions, by construction of the target: ``"frozen"`` turns ``weight``/``bias`` into buffer *copies* (no
     Parameter identity: those tensors are no longer trained); ``"group"`` drops the running statistics (no way back);
@@ -606,12 +639,19 @@ def convert(module: nn.Module, to: str, *, include: Pattern = None, exclude: Pat
     UserWarning lists them and :func:`summary` marks them ``UNPAIRED``. Tracing runs no hooks and no forward
     computation. A replaced CrossIterationBatchNorm is detached from its conv (its input-capturing hook removed).
 
+    **Hooks.** A layer replaced inside the model hands its hook dicts themselves to the new layer (the old layer
+    leaves the model): the hooks run on the new layer, and a handle returned by ``register_*_hook`` before the
+    conversion still removes its hook. A root that is itself a BatchNorm stays a separate, usable object, so the new
+    layer gets *copies* of its hook dicts: the hooks registered before the conversion run on both layers, a hook
+    registered later on either layer runs on that layer only, and a handle from before the conversion removes its
+    hook from the original layer only.
+
     Each layer created by syncnorm gets its qualified name for error messages (``set_layer_name``). Layers shared
     between several parents become one shared new layer.
 
     Args:
         module: the model, converted in place; a root that is itself a BatchNorm is converted and the new layer
-            returned (it shares the original's tensors).
+            returned (it shares the original's Parameters and buffers, but has its own hook dicts).
         to: target name, one of ``TARGETS``.
         include: only convert layers whose qualified name (or any dotted prefix of it, so ``"backbone"`` covers
             ``"backbone.body.bn1"``) matches: a glob string (``fnmatch``), a compiled ``re.Pattern`` (full match),
@@ -629,11 +669,22 @@ def convert(module: nn.Module, to: str, *, include: Pattern = None, exclude: Pat
 
     Raises:
         ValueError: unknown target, layer argument taken from the source, an unconvertible layer, an impossible
-            GroupNorm split (each naming the layer and the choices). Nothing is modified when it raises.
-        TypeError: a layer argument the target does not accept, or a malformed include/exclude.
+            GroupNorm split or ``dim`` outside 1..3 (each naming the layer or argument and the choices), or a value
+            the target layer's constructor refuses (naming the layer of the model).
+        TypeError: ``to`` or ``subclasses`` not a str, a layer argument the target does not accept, a non-int
+            ``num_groups`` or ``dim``, a malformed include/exclude, or an argument of the wrong type refused by the
+            target layer's constructor (naming the layer of the model).
+
+        Nothing is modified when it raises.
     """
+    if not isinstance(to, str):
+        raise TypeError(f"syncnorm.convert: to must be a target name (str), got {type(to).__name__} {to!r}; "
+                        f"choices: {sorted(TARGETS)}")
     if to not in TARGETS:
         raise ValueError(f"syncnorm.convert: unknown target to={to!r}; choices: {sorted(TARGETS)}")
+    if not isinstance(subclasses, str):
+        raise TypeError(f"syncnorm.convert: subclasses must be 'error', 'convert' or 'skip', got "
+                        f"{type(subclasses).__name__} {subclasses!r}")
     if subclasses not in ("error", "convert", "skip"):
         raise ValueError(f"syncnorm.convert: subclasses must be 'error', 'convert' or 'skip', got {subclasses!r}")
     if not isinstance(module, nn.Module):
@@ -648,6 +699,8 @@ def convert(module: nn.Module, to: str, *, include: Pattern = None, exclude: Pat
     if unknown:
         raise TypeError(f"syncnorm.convert(to={to!r}): {target.attr} does not accept {unknown}; "
                         f"accepted layer arguments: {list(accepted)}")
+    if to == "batch" and "dim" in layer_kwargs:
+        _check_dim(layer_kwargs["dim"], "syncnorm.convert(to='batch')")
     return _convert(module, to, _matcher(include, "include"), _matcher(exclude, "exclude"), subclasses, layer_kwargs)
 
 
@@ -688,7 +741,7 @@ def _convert(root: nn.Module, to: str, include, exclude, subclasses: str, kwargs
         if family_kept and not _carry_family_state(new, src, target):
             new, family_kept = _build(target, src, kwargs), False
         _set_buffers(new, src, notes, family_kept)
-        _finish(new, src, notes)
+        _finish(new, src, notes, share_hooks=key != id(root))
         new._syncnorm_target = to
         new_layers[key] = new
     for src in sources.values():
@@ -714,6 +767,13 @@ def _convert(root: nn.Module, to: str, include, exclude, subclasses: str, kwargs
     return root
 
 
+def _check_dim(dim, who: str) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{who}: dim must be 1, 2, 3 or None, got {type(dim).__name__} {dim!r}")
+    if dim not in _BN_BY_DIM:
+        raise ValueError(f"{who}: dim must be 1, 2, 3 or None, got {dim!r}")
+
+
 def _reversible(m: nn.Module) -> bool:
     target = TARGETS.get(getattr(m, "_syncnorm_target", None))
     return target is None or target.reversible
@@ -731,7 +791,8 @@ def revert(module: nn.Module, *, dim: Optional[int] = None) -> nn.Module:
 
     The dimension (1d/2d/3d) is the one of the layer ``convert`` replaced; for a syncnorm layer built directly it is
     taken from the conv a CrossIterationBatchNorm is attached to, else from the conv or linear layer registered just
-    before it in the same parent, else from ``dim``; else ValueError naming the layer.
+    before it in the same parent, else from ``dim``; else ValueError naming the layer. ``dim`` other than 1, 2, 3 or
+    None raises ValueError (TypeError when it is not an int).
 
     Dropped: family state that plain BatchNorm has no place for (CrossIterationBatchNorm history, CrossMiniBatchNorm
     window sums, BatchRenorm's r_max/d_max); :func:`summary` of the result lists it per layer. There is no way back
@@ -742,8 +803,8 @@ def revert(module: nn.Module, *, dim: Optional[int] = None) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"syncnorm.revert: expected an nn.Module, got {type(module).__name__}")
-    if dim is not None and dim not in _BN_BY_DIM:
-        raise ValueError(f"syncnorm.revert: dim must be 1, 2, 3 or None, got {dim!r}")
+    if dim is not None:
+        _check_dim(dim, "syncnorm.revert")
     stuck = [name or "<root>" for name, m in module.named_modules() if not _reversible(m)]
     if stuck:
         made_by = sorted({m._syncnorm_target for m in module.modules() if not _reversible(m)})

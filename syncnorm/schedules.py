@@ -1,8 +1,15 @@
 """Schedules for Batch Renormalization's ``r_max`` / ``d_max``: pure functions of the optimizer step.
 
-A *renorm schedule* is any callable ``schedule(step) -> (r_max, d_max)``, where ``step`` is the number of optimizer
-steps taken so far (``trainer.global_step`` in Lightning, starting at 0). Because it depends on the step alone, a
-resumed run gets the same values by calling it with the restored step; nothing needs to be checkpointed.
+A *renorm schedule* (type ``RenormScheduleFn``) is any callable ``schedule(step) -> (r_max, d_max)``, where ``step``
+is the number of optimizer steps taken so far (``trainer.global_step`` in Lightning, starting at 0). Because it
+depends on the step alone, a resumed run gets the same values by calling it with the restored step; nothing needs
+to be checkpointed. A *scalar schedule* (type ``ScalarSchedule``) is a number or a callable ``step -> float``.
+
+**Numbers.** Wherever a value is read (arguments here, a schedule's output in :func:`check_renorm_values` and
+:func:`apply_schedule`), the values accepted are exactly those :class:`syncnorm.BatchRenorm`'s ``r_max`` / ``d_max``
+setters accept: real numbers (``int``, ``float``, numpy scalars such as ``np.float32``) and one-element real
+tensors (0-d or not), converted with ``float()`` / ``.item()``. ``bool``, strings, ``None``, complex values, numpy
+arrays and tensors of several elements raise TypeError; NaN raises ValueError.
 
 Building blocks:
 
@@ -24,6 +31,7 @@ import operator
 from dataclasses import dataclass
 from typing import Callable, Union
 
+import torch
 import torch.nn as nn
 
 __all__ = [
@@ -55,6 +63,9 @@ def _step(step, who: str) -> int:
 
 
 def _real(value, name: str, who: str) -> float:
+    # the same values BatchRenorm's r_max / d_max setters accept
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: {name} must be a real number, got {type(value).__name__} {value!r}")
     value = float(value)
@@ -66,7 +77,8 @@ def _real(value, name: str, who: str) -> float:
 def check_renorm_values(values, source: str = "renorm schedule") -> tuple[float, float]:
     """Validate ``(r_max, d_max)`` and return it as a pair of floats.
 
-    Raises TypeError unless ``values`` is a pair of real numbers, ValueError unless ``r_max >= 1`` and
+    Raises TypeError unless ``values`` is a tuple or list of two real numbers (see **Numbers** in the module
+    docstring: one-element real tensors and numpy scalars count), ValueError unless ``r_max >= 1`` and
     ``d_max >= 0`` (NaN rejected, inf allowed: no clipping). ``source`` names the producer in the message.
     """
     if not isinstance(values, (tuple, list)) or len(values) != 2:
@@ -105,6 +117,7 @@ class LinearRamp:
         object.__setattr__(self, "end_value", _real(self.end_value, "end_value", who))
 
     def __call__(self, step: int) -> float:
+        """The value at ``step`` (an int >= 0, numpy ints included; TypeError / ValueError otherwise), a float."""
         step = _step(step, "linear_ramp")
         if step >= self.end_step:
             return self.end_value
@@ -142,6 +155,7 @@ class RenormSchedule:
                              self.d_max if not callable(self.d_max) else 0.0), "RenormSchedule")
 
     def __call__(self, step: int) -> tuple[float, float]:
+        """``(r_max, d_max)`` at ``step`` (an int >= 0) as floats, validated by :func:`check_renorm_values`."""
         step = _step(step, "RenormSchedule")
         r_max = self.r_max(step) if callable(self.r_max) else self.r_max
         d_max = self.d_max(step) if callable(self.d_max) else self.d_max

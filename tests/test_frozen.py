@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -94,10 +95,32 @@ def test_bad_input_names_layer():
         frozen(torch.randn(5))
     with pytest.raises(TypeError, match="floating-point"):
         frozen(torch.ones(2, C, dtype=torch.long))
-    with pytest.raises(ValueError, match="num_features must be a positive int, got 0"):
-        FrozenBatchNorm(0)
-    with pytest.raises(ValueError, match="eps must be > 0, got -1"):
-        FrozenBatchNorm(3, eps=-1)
+
+
+
+@pytest.mark.parametrize("kwargs, exc, needle", [
+    ({"num_features": 0}, ValueError, "num_features must be a positive int, got 0"),
+    ({"num_features": 3.0}, TypeError, "num_features must be a positive int, got float 3.0"),
+    ({"num_features": "3"}, TypeError, "num_features must be a positive int, got str '3'"),
+    ({"num_features": True}, TypeError, "num_features must be a positive int, got bool True"),
+    ({"num_features": 3, "eps": -1}, ValueError, r"FrozenBatchNorm\(3\): eps must be a finite number > 0, got -1"),
+    ({"num_features": 3, "eps": float("inf")}, ValueError, "eps must be a finite number > 0, got inf"),
+    ({"num_features": 3, "eps": "1e-5"}, TypeError, r"FrozenBatchNorm\(3\): eps must be a real number > 0, got str"),
+])
+def test_bad_arguments(kwargs, exc, needle):
+    with pytest.raises(exc, match=needle):
+        FrozenBatchNorm(**kwargs)
+
+
+def test_integer_like_num_features():
+    frozen = FrozenBatchNorm(np.int64(3), eps=np.float32(1e-3))
+    assert type(frozen.num_features) is int and frozen.num_features == 3 and frozen.running_mean.shape == (3,)
+    assert type(frozen.eps) is float
+
+
+def test_public_methods_have_docstrings():
+    for name in ("forward", "layer_name", "set_layer_name", "extra_repr"):
+        assert getattr(FrozenBatchNorm, name).__doc__, name
 
 
 def test_public_name_and_repr():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 import pickle
 
+import inspect
+
 import numpy as np
 import pytest
+import torch
 import torch.nn as nn
 
 import syncnorm
@@ -164,6 +167,74 @@ def test_apply_schedule_rejects_bad_schedules(schedule, step, exc, needle):
     with pytest.raises(exc, match=needle):
         apply_schedule(model, schedule, step)
     assert _bounds(model) == before  # validated before any layer changes
+
+
+_CANDIDATES = {
+    "int": 2, "float": 2.5, "inf": math.inf, "np.float32": np.float32(2.5), "np.int64": np.int64(2),
+    "tensor-0d": torch.tensor(2.5), "tensor-0d-int": torch.tensor(2), "tensor-1elem": torch.tensor([2.5]),
+    "tensor-0d-f64-grad": torch.tensor(2.5, dtype=torch.float64, requires_grad=True),
+    "bool": True, "tensor-bool": torch.tensor(True), "str": "2", "None": None, "complex": 2 + 0j,
+    "tensor-complex": torch.tensor(2 + 0j), "tensor-2elem": torch.tensor([2.0, 3.0]), "np-0d-array": np.array(2.5),
+    "nan": math.nan, "tensor-nan": torch.tensor(math.nan), "below": 0.5,
+}
+
+
+def _outcome(fn):
+    try:
+        value = fn()
+    except (TypeError, ValueError) as e:
+        return type(e)
+    assert type(value) is float
+    return value
+
+
+@pytest.mark.parametrize("slot", ["r_max", "d_max"])
+def test_apply_schedule_accepts_exactly_what_the_setter_accepts(slot):
+    layer = syncnorm.BatchRenorm(3)
+
+    def through_setter(v):
+        setattr(layer, slot, v)
+        return getattr(layer, slot)
+
+    def through_schedule(v):
+        pair = (v, 0.0) if slot == "r_max" else (1.0, v)
+        return apply_schedule(layer, lambda step: pair, 0)[0 if slot == "r_max" else 1]
+
+    got = {k: (_outcome(lambda: through_setter(v)), _outcome(lambda: through_schedule(v)))
+           for k, v in _CANDIDATES.items()}
+    assert {k: a for k, (a, _) in got.items()} == {k: b for k, (_, b) in got.items()}
+    # and what that common behaviour is: real numbers and one-element real tensors, as floats
+    accepted = {k for k, (a, _) in got.items() if isinstance(a, float)}
+    expected = {"int", "float", "inf", "np.float32", "np.int64", "tensor-0d", "tensor-0d-int", "tensor-1elem",
+                "tensor-0d-f64-grad"}
+    if slot == "d_max":
+        expected.add("below")  # 0.5 is a valid d_max but not a valid r_max
+    assert accepted == expected
+    assert got["tensor-0d"][0] == 2.5 and got["np.float32"][0] == 2.5
+    for k in ("bool", "tensor-bool", "str", "None", "complex", "tensor-complex", "tensor-2elem", "np-0d-array"):
+        assert got[k] == (TypeError, TypeError), k
+    assert got["nan"] == got["tensor-nan"] == (ValueError, ValueError)
+
+
+def test_schedule_arguments_accept_tensors():
+    s = paper_renorm_schedule(0, 10, 10, r_max=torch.tensor(3.0), d_max=np.float64(2.0))
+    assert s(10) == (3.0, 2.0) and all(type(v) is float for v in s(5))
+    assert linear_ramp(0, 2, torch.tensor(0.0), torch.tensor([1.0]))(1) == 0.5
+
+
+def test_public_names_have_docstrings():
+    missing = []
+    for name in schedules.__all__:
+        obj = getattr(schedules, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            assert name in schedules.__doc__, name  # type aliases are described in the module docstring
+            continue
+        if not obj.__doc__ or obj.__doc__.startswith(f"{name}("):  # dataclasses generate "Name(field, ...)"
+            missing.append(name)
+        if inspect.isclass(obj):
+            missing += [f"{name}.{a}" for a, m in vars(obj).items()
+                        if (a == "__call__" or not a.startswith("_")) and inspect.isfunction(m) and not m.__doc__]
+    assert missing == []
 
 
 def test_apply_schedule_rejects_non_module():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -37,6 +39,11 @@ class FrozenBatchNorm(nn.Module):
     the copies are new tensors, so *Parameter identity cannot hold* for this target: an optimizer built before the
     conversion keeps the old Parameters, which no longer take part in the forward and receive no gradient.
 
+    **Errors.** A non-int ``num_features`` or non-real ``eps`` raises TypeError, ``num_features < 1`` or ``eps`` not
+    a finite number ``> 0`` raises ValueError. An input with fewer than 2 dims or a channel count other than
+    ``num_features`` raises ValueError, a non-floating input TypeError, each naming the layer (:attr:`layer_name`),
+    the expected and the actual value.
+
     Args:
         num_features: C, the number of channels (dim 1 of the input).
         eps: added to ``running_var`` before the square root.
@@ -46,10 +53,18 @@ class FrozenBatchNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = 1e-5, *, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"FrozenBatchNorm: num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"FrozenBatchNorm({num_features}): eps must be > 0, got {eps!r}")
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"{name}: num_features must be a positive int, got {type(num_features).__name__} "
+                            f"{num_features!r}")
+        num_features = int(num_features)
+        if num_features < 1:
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"{name}({num_features}): eps must be a real number > 0, got {type(eps).__name__} "
+                            f"{eps!r}")
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"{name}({num_features}): eps must be a finite number > 0, got {eps!r}")
         self.num_features = num_features
         self.eps = float(eps)
         self.affine = bool(affine)
@@ -76,6 +91,11 @@ class FrozenBatchNorm(nn.Module):
         self._syncnorm_name = name
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``(input - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel (dim 1), in either mode.
+
+        ``input`` is ``(N, C, *)`` with ``C == num_features`` and a floating dtype; the output has its shape, dtype
+        and memory format (``nn.BatchNorm`` eval's kernel and mixed-dtype rules). No state changes, no collective.
+        """
         err = check_input(input, self.num_features, self.layer_name)
         if err is not None:
             raise err
@@ -93,4 +113,5 @@ class FrozenBatchNorm(nn.Module):
                                       error_msgs)
 
     def extra_repr(self) -> str:
+        """``num_features, eps=...`` (and ``affine=False`` when there is no affine transform), for ``repr``."""
         return f"{self.num_features}, eps={self.eps:g}" + ("" if self.affine else ", affine=False")
