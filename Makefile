@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m syncnorm.demo
+	$(PY) -m syncnorm.launch examples/detection/train.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
