@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from pytorch_lightning.loggers import Logger
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -31,6 +31,34 @@ def loader(ds: TensorDataset, batch_size: int, rank: Optional[int] = None, world
     if rank is not None:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
     return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler)
+
+
+class RankInterleavedSampler(Sampler):
+    """Rank ``r`` of ``W`` takes samples ``r, r + W, r + 2W, ...`` (a DistributedSampler without shuffling), with the
+    rank and world size read when iterated, so it can be built before ``ddp_spawn`` starts the ranks (Lightning's
+    own injected DistributedSampler shuffles training data). Use with ``Trainer(use_distributed_sampler=False)``."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        from syncnorm import comm
+
+        return comm.get_rank(), comm.get_world_size()
+
+    def __iter__(self):
+        rank, world = self._rank_world()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        rank, world = self._rank_world()
+        return len(range(rank, self.n, world))
+
+
+def spawn_loader(ds: TensorDataset, batch_size: int) -> DataLoader:
+    """Sequential per-rank batches for ``ddp_spawn`` (see :class:`RankInterleavedSampler`)."""
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=RankInterleavedSampler(len(ds)))
 
 
 class TinyNet(pl.LightningModule):

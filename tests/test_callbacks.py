@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -109,6 +110,17 @@ def test_conversion_is_idempotent_and_reverts_at_fit_end():
     assert set(conv.state_dict()["converted"]) == set()  # nothing left converted
 
 
+def test_revert_at_fit_end_keeps_user_layers_and_sharing():
+    model = TinyNet()
+    user = model.bn3 = syncnorm.SyncBatchNorm(4).double()  # built by the user, after a linear layer
+    model.alias = model.bn2  # one layer under two names
+    conv = NormConversion("sync", revert_on_fit_end=True)
+    trainer(max_steps=1, callbacks=[conv]).fit(model, loader(dataset(4), 2))
+    assert conv.state_dict()["converted"] == {}
+    assert model.bn3 is user  # left alone (reverting it alone could not tell 1d from 2d)
+    assert type(model.bn1) is nn.BatchNorm2d and type(model.bn2) is nn.BatchNorm2d and model.alias is model.bn2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # resume: RenormScheduler + CBN, 6 steps vs 3 + 3 with ckpt_path
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,6 +130,18 @@ def _resume_callbacks():
             RenormScheduler(syncnorm.schedules.paper_renorm_schedule(1, 5, 4, r_max=2.0, d_max=1.0))]
 
 
+class _ClipSpy(Callback):
+    """Channel-weighted clip fraction of the BatchRenorm layers at each optimizer step, computed here."""
+
+    def __init__(self):
+        self.values = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        layers = [m for m in pl_module.modules() if isinstance(m, syncnorm.BatchRenorm)]
+        self.values.append(sum(m.clip_fraction() * m.num_features for m in layers)
+                           / sum(m.num_features for m in layers))
+
+
 def test_resume_mid_schedule_is_exact(tmp_path):
     # 3 optimizer steps per epoch, stopped by max_epochs: an end-of-epoch checkpoint (Lightning replays a phantom
     # batch when max_steps stops exactly at an epoch end, and restarts the data when resuming mid-epoch)
@@ -125,7 +149,8 @@ def test_resume_mid_schedule_is_exact(tmp_path):
     logger = RecordingLogger()
     full = TinyNet()
     cbs_full = _resume_callbacks()
-    trainer(max_epochs=2, callbacks=cbs_full, logger=logger, log_every_n_steps=1).fit(full, data)
+    clips = _ClipSpy()
+    trainer(max_epochs=2, callbacks=[*cbs_full, clips], logger=logger, log_every_n_steps=1).fit(full, data)
 
     first = TinyNet()
     t1 = trainer(max_epochs=1, callbacks=_resume_callbacks())
@@ -149,10 +174,13 @@ def test_resume_mid_schedule_is_exact(tmp_path):
     sched = cbs_full[2].schedule
     logged = [(step, m) for step, m in logger.records if "renorm/r_max" in m]
     assert [step for step, _ in logged] == list(range(6))
-    for step, metrics in logged:
+    assert len(clips.values) == 6
+    for (step, metrics), expected in zip(logged, clips.values):
         assert (metrics["renorm/r_max"], metrics["renorm/d_max"]) == sched(step)
-        assert 0.0 <= metrics["renorm/clip_fraction"] <= 1.0
-    assert logged[0][1]["renorm/clip_fraction"] > 0  # r_max=1, d_max=0 clips (almost) every channel
+        # channel-weighted over bn2 and bn3 (4 channels each), from the layers at that optimizer step
+        assert metrics["renorm/clip_fraction"] == expected
+    assert logged[0][1]["renorm/clip_fraction"] == 1.0  # r_max=1, d_max=0: r and d sit on their bounds
+    assert any(m["renorm/clip_fraction"] < 1.0 for _, m in logged)  # the bounds open up later in the ramp
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,6 +219,39 @@ def test_accumulation_windows_and_burn_in(explicit_scheduler):
 # ---------------------------------------------------------------------------------------------------------------
 # PreciseBN callback: when it runs, and what it leaves alone
 # ---------------------------------------------------------------------------------------------------------------
+class _FrozenBn2Net(TinyNet):
+    """TinyNet whose bn2 stays in eval mode while training (a frozen BatchNorm, as detection backbones do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.bn2.running_mean.uniform_(-1.0, 1.0)
+            self.bn2.running_var.uniform_(0.5, 2.0)
+        self.bn2.eval()  # Lightning keeps each module's mode (fit does not call train())
+
+
+def _population_reference(model, batches):
+    """float64 population mean / unbiased variance of the inputs of bn1 and bn3 with TinyNet's forward written out:
+    bn1 and bn3 normalise with batch statistics, the frozen bn2 with its running statistics."""
+    def batch_stats(x, bn):
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+    inputs = {"bn1": [], "bn3": []}
+    with torch.no_grad():
+        for x, _ in batches:
+            h = model.conv1(x)
+            inputs["bn1"].append(h)
+            h = model.conv2(torch.relu(batch_stats(h, model.bn1)))
+            h = F.batch_norm(h, model.bn2.running_mean, model.bn2.running_var, model.bn2.weight, model.bn2.bias,
+                             False, 0.0, model.bn2.eps).mean(dim=(2, 3))
+            inputs["bn3"].append(model.fc(h))
+    out = {}
+    for name, xs in inputs.items():
+        x = torch.cat(xs).transpose(0, 1).reshape(xs[0].shape[1], -1)
+        out[name] = (x.mean(1), x.var(1, unbiased=True))
+    return out
+
+
 def test_precise_bn_runs_before_validation_and_checkpoint(tmp_path):
     events = []
     precise = PreciseBN(num_batches=2, every_n_epochs=1)
@@ -205,25 +266,39 @@ def test_precise_bn_runs_before_validation_and_checkpoint(tmp_path):
 
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             events.append(("ckpt", trainer.current_epoch, precise.runs))
-            events.append(("bn1", pl_module.bn1.running_mean.clone()))
 
-    model = TinyNet()
+    model = _FrozenBn2Net()
+    frozen = (model.bn2.running_mean.clone(), model.bn2.running_var.clone())
     data = loader(dataset(8), 2)
+    logger = RecordingLogger()
+    monitor = BatchNormMonitor("epoch", prefix="m")  # its capture hooks are installed during the pass
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=False, every_n_epochs=1)
-    t = trainer(max_epochs=2, callbacks=[NormConversion("sync"), precise, Spy(), ckpt], enable_checkpointing=True,
-                num_sanity_val_steps=1, limit_val_batches=1)
+    t = trainer(max_epochs=2, callbacks=[NormConversion("sync"), monitor, precise, Spy(), ckpt],
+                enable_checkpointing=True, num_sanity_val_steps=1, limit_val_batches=1, logger=logger,
+                log_every_n_steps=1)
     t.fit(model, data, loader(dataset(4, seed=1), 2))
-    order = [e for e in events if e[0] != "bn1"]
-    assert order == [("val", 0, 1), ("epoch_end", 0, 1), ("ckpt", 0, 1),
-                     ("val", 1, 2), ("epoch_end", 1, 2), ("ckpt", 1, 2)]
+    assert [e for e in events] == [("val", 0, 1), ("epoch_end", 0, 1), ("ckpt", 0, 1),
+                                   ("val", 1, 2), ("epoch_end", 1, 2), ("ckpt", 1, 2)]
     assert t.global_step == 8 and precise.state_dict()["runs"] == 2
-    # the last recomputation is what the model holds: redo it from the same state and loader
-    again = copy.deepcopy(model)
-    syncnorm.precise_bn(again, data, num_batches=2)
-    for name in ("bn1", "bn2", "bn3"):
-        torch.testing.assert_close(getattr(again, name).running_var, getattr(model, name).running_var,
-                                   rtol=1e-12, atol=1e-14)
+    # the last recomputation (after the last training step) is what the model holds: exact population moments
+    # of the first 2 training batches, recomputed independently in float64
+    ref = _population_reference(model, list(data)[:2])
+    for name, (mean, var) in ref.items():
+        torch.testing.assert_close(getattr(model, name).running_mean, mean, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(getattr(model, name).running_var, var, rtol=1e-12, atol=1e-13)
+    # the frozen layer was left alone, and kept in eval mode through training and the pass
+    assert not model.bn2.training and model.bn1.training
+    torch.testing.assert_close(model.bn2.running_mean, frozen[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.bn2.running_var, frozen[1], rtol=0, atol=0)
     assert int(model.bn1.num_batches_tracked) == 8 and model.bn1.momentum == 0.1
+    # the monitor's epoch metrics come from the last training batch, not from a batch of the pass: one
+    # process, so the local statistics equal the global ones
+    logged = [m for _, m in logger.records if any(k.startswith("m/") for k in m)]
+    assert len(logged) == 2
+    for metrics in logged:
+        for layer in ("bn1", "bn3"):
+            assert metrics[f"m/{layer}/mean_gap"] == pytest.approx(0.0, abs=1e-12)
+            assert metrics[f"m/{layer}/std_gap"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_precise_bn_function_single_process_matches_concatenation():
@@ -234,29 +309,57 @@ def test_precise_bn_function_single_process_matches_concatenation():
     model(ds.tensors[0][:2])  # materialise the lazy layer
     data = loader(ds, 3)
     # reference: batch-stat normalisation per batch, moments of all inputs
-    captured = {1: [], 5: []}
-    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: captured[i].append(a[0].detach()))
-             for i in captured]
     ref_model = copy.deepcopy(model).train()
     for m in ref_model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum, m.running_mean, m.running_var = 0.0, None, None
             m.track_running_stats = False
-    for h in hooks:
-        h.remove()
     ref_inputs = {1: [], 5: []}
     for i in ref_inputs:
         ref_model[i].register_forward_hook(lambda m, a, o, i=i: ref_inputs[i].append(a[0].detach()))
     with torch.no_grad():
         for x, _ in data:
             ref_model(x)
+
+    # all in eval mode: every layer counts as frozen, nothing runs
+    before = copy.deepcopy(model.state_dict())
     model.eval()
-    assert syncnorm.precise_bn(model, data, num_batches=10) == 3  # warns: fewer batches than asked
-    assert not model.training
+    with pytest.warns(UserWarning, match="eval mode"):
+        assert syncnorm.precise_bn(model, data, num_batches=10) == 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+    model.train()
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(1))  # hooks of recomputed layers stay silent
+    with pytest.warns(UserWarning, match="fewer than num_batches"):
+        assert syncnorm.precise_bn(model, data, num_batches=10) == 3
+    assert model.training and seen == []
     for i, xs in ref_inputs.items():
         x = torch.cat(xs).transpose(0, 1).reshape(xs[0].shape[1], -1)
         torch.testing.assert_close(model[i].running_mean, x.mean(1), rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(model[i].running_var, x.var(1), rtol=1e-12, atol=1e-13)
+
+
+def test_precise_bn_applies_the_activation_of_norm_act_layers():
+    # a converted timm-style BatchNormAct2d: normalisation, then its drop and act children
+    from syncnorm.convert import _with_activation
+
+    torch.manual_seed(1)
+    act_layer = _with_activation(syncnorm.SyncBatchNorm)(3, dtype=torch.float64)
+    act_layer.drop, act_layer.act = nn.Identity(), nn.ReLU()
+    model = nn.Sequential(act_layer, nn.BatchNorm2d(3, dtype=torch.float64)).train()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    syncnorm.precise_bn(model, [x], num_batches=1)
+    expected = torch.relu(F.batch_norm(x, None, None, act_layer.weight, act_layer.bias, True, 0.0, 1e-5))
+    torch.testing.assert_close(model[1].running_mean, expected.mean(dim=(0, 2, 3)), rtol=1e-12, atol=1e-13)
+
+
+def test_precise_bn_invalid_input_of_a_plain_layer_raises():
+    model = nn.Sequential(nn.BatchNorm1d(3, dtype=torch.float64)).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        syncnorm.precise_bn(model, [torch.randn(1, 3, dtype=torch.float64)], num_batches=1)
+    assert model.training and "forward" not in model[0].__dict__
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,6 +387,52 @@ def test_plugin_revert_only_touches_its_layers():
     assert type(model.bn1) is nn.BatchNorm2d and type(model.bn3) is syncnorm.BatchRenorm
 
 
+def test_plugin_leaves_a_user_built_layer_of_its_target_alone():
+    # a SyncBatchNorm the user built after a linear layer: its dimension cannot be told from the layer alone
+    model = TinyNet()
+    user = model.bn3 = syncnorm.SyncBatchNorm(4).double()
+    user_cbn = syncnorm.CrossIterationBatchNorm(4, window=2).double()
+    model.extra = nn.Sequential(nn.Conv2d(4, 4, 1), user_cbn)
+    keys = set(model.state_dict())
+    plugin = SyncNormPlugin("sync", exclude="extra")
+    plugin.apply(model)
+    assert plugin.converted.keys() == {"bn1", "bn2", "bn3"} and model.bn3 is user
+    plugin.revert(model)  # used to raise "cannot tell whether SyncBatchNorm(4) ... should become BatchNorm1d..."
+    assert model.bn3 is user and type(model.bn1) is nn.BatchNorm2d and type(model.bn2) is nn.BatchNorm2d
+
+    cbn_plugin = SyncNormPlugin("cross_iteration", include="bn1")
+    cbn_plugin.apply(model)
+    # the user's CBN keeps its history in the state dict (it exists before a checkpoint restore too); only the
+    # layer the plugin made has non-persistent history
+    assert set(model.state_dict()) == keys and any(k.startswith("extra.1.history") for k in keys)
+    cbn_plugin.revert(model)
+    assert model.extra[1] is user_cbn and type(model.bn1) is nn.BatchNorm2d
+
+
+def test_plugin_reverts_a_shared_layer_under_every_name():
+    model = TinyNet()
+    model.alias = model.bn1  # one layer, two names
+    weight = model.bn1.weight
+    plugin = SyncNormPlugin("sync")
+    plugin.apply(model)
+    assert type(model.alias) is syncnorm.SyncBatchNorm and model.alias is model.bn1
+    plugin.revert(model)
+    assert type(model.bn1) is nn.BatchNorm2d and model.alias is model.bn1 and model.bn1.weight is weight
+
+
+def _keep_bn1(name, module):
+    return name == "bn1"
+
+
+def test_conversion_state_key_is_stable_text():
+    a = NormConversion("sync", include=_keep_bn1)
+    key = a.state_key
+    assert "0x" not in key and "_keep_bn1" in key
+    assert pickle.loads(pickle.dumps(a)).state_key == key
+    assert NormConversion("sync", include=[_keep_bn1, "bn2"]).state_key != key
+    assert "0x" not in NormConversion("sync", exclude=lambda n, m: False).state_key
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the monitor on one process: per-epoch logging, BatchRenorm clip rates, no gap without peers
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,3 +454,19 @@ def test_monitor_epoch_interval_single_process():
         assert last[f"m/{layer}/mean_gap"] == pytest.approx(0.0, abs=1e-12)
         assert last[f"m/{layer}/std_gap"] == pytest.approx(0.0, abs=1e-12)
     assert monitor._handles == []  # hooks removed after logging
+
+
+def test_monitor_ignores_should_stop():
+    # Lightning also logs on a step where trainer.should_stop is set (one rank may set it before the others learn
+    # of it): the monitor's collective must not depend on it
+    class StopAtSecondBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:
+                trainer.should_stop = True
+
+    logger = RecordingLogger()
+    monitor = BatchNormMonitor(prefix="m")
+    trainer(max_epochs=1, logger=logger, log_every_n_steps=50,
+            callbacks=[NormConversion("sync"), StopAtSecondBatch(), monitor]).fit(TinyNet(), loader(dataset(8), 2))
+    assert monitor.last_metrics == {}
+    assert not any(k.startswith("m/") for _, m in logger.records for k in m)

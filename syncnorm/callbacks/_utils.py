@@ -27,14 +27,18 @@ def layers_of(module: nn.Module, class_name: str, module_path: str) -> list[tupl
 
 
 def should_log(trainer: Any) -> bool:
-    """True when the trainer's loggers will record this optimizer step (``log_every_n_steps``), identically on
-    every rank; False when there is no logger. Same rule as Lightning's ``LearningRateMonitor``."""
+    """True when the trainer's loggers record this optimizer step: ``log_every_n_steps > 0`` and
+    ``(step + 1) % log_every_n_steps == 0`` with ``step`` = :func:`logging_step` (optimizer steps taken so far);
+    False when there is no logger.
+
+    Built only from values that are identical on every rank (the logger list, ``log_every_n_steps`` and the
+    optimizer-step counter), so a collective gated on it is issued by every rank or by none. Lightning's own
+    ``should_update_logs`` also logs when ``trainer.should_stop`` is set, which one rank may set mid-epoch before
+    the others learn of it, so it is deliberately not used here.
+    """
     if not trainer.loggers:
         return False
-    connector = getattr(trainer, "_logger_connector", None)
-    if connector is not None and hasattr(connector, "should_update_logs"):
-        return bool(connector.should_update_logs)
-    every = trainer.log_every_n_steps
+    every = int(trainer.log_every_n_steps)
     return every > 0 and (logging_step(trainer) + 1) % every == 0
 
 

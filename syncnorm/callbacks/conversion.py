@@ -55,9 +55,15 @@ def _as_list(spec: Any) -> list:
     return list(spec)
 
 
-def convert_missing(module: nn.Module, to: str, include: Any, exclude: Any, layer_kwargs: dict) -> dict[str, str]:
-    """Convert the layers of ``module`` that are not already of the target family; return ``{name: class name}`` of
-    every layer of the target family that the filters select, after the conversion."""
+def convert_missing(module: nn.Module, to: str, include: Any, exclude: Any,
+                    layer_kwargs: dict) -> tuple[dict[str, str], set[int]]:
+    """Convert the layers of ``module`` that are not already of the target family.
+
+    Returns ``({name: class name}, made)``: every layer of the target family that the filters select, after the
+    conversion (converted now, earlier, or built by the user), and the ``id`` of each layer this call created (a
+    layer shared under several names counts once). Only the layers in ``made`` are ever reverted or have their
+    buffers' persistence changed; the user's own layers are left as they are.
+    """
     from ..convert import convert
 
     classes = target_classes(to)
@@ -65,10 +71,63 @@ def convert_missing(module: nn.Module, to: str, include: Any, exclude: Any, laye
     def already(name: str, m: nn.Module) -> bool:
         return isinstance(m, classes)
 
+    before = list(module.modules())  # kept alive, so no new layer can reuse the id of a replaced one
+    seen = {id(m) for m in before}
     out = convert(module, to, include=include, exclude=[*_as_list(exclude), already], **layer_kwargs)
     if out is not module:  # only when the root itself is a norm layer, never for a LightningModule
         raise MisconfigurationException("NormConversion: the LightningModule itself cannot be a norm layer")
-    return selected_layers(module, to, include, exclude)
+    made = {id(m) for m in module.modules()
+            if id(m) not in seen and isinstance(m, classes) and getattr(m, "_syncnorm_target", None) == to}
+    del before
+    return selected_layers(module, to, include, exclude), made
+
+
+def revert_made(module: nn.Module, to: str, made: set[int]) -> None:
+    """Turn the layers in ``made`` (ids from :func:`convert_missing`) back into plain BatchNorm, in place.
+
+    One :func:`syncnorm.convert` ``(module, "batch")`` call from the root, restricted to those layers: a layer
+    shared under several names is reverted once and stays shared, and the 1d/2d/3d choice sees the whole model
+    (the source type recorded at conversion, else the feeding conv). Layers the user built or converted themselves
+    are not touched. Nothing to do for ``to="batch"``; ``to="group"`` cannot be reverted (a warning says so); when
+    the dimension of a layer cannot be told, nothing is reverted and a warning names the layer.
+    """
+    from ..convert import convert
+
+    if not made or to == "batch":
+        return
+    if to == "group":
+        rank_zero_warn("NormConversion/SyncNormPlugin: layers converted to 'group' (nn.GroupNorm) cannot be reverted: "
+                       "BatchNorm's running statistics were dropped by the conversion; they are left as GroupNorm")
+        return
+    classes = target_classes(to)
+
+    def mine(name: str, m: nn.Module) -> bool:
+        return id(m) in made and isinstance(m, classes) and getattr(m, "_syncnorm_target", None) == to
+
+    try:
+        convert(module, "batch", include=mine, subclasses="convert")
+    except ValueError as e:  # convert modifies nothing when it raises; a finished fit should not crash here
+        rank_zero_warn(f"NormConversion/SyncNormPlugin: the converted layers were not reverted: {e}")
+
+
+def spec_text(spec: Any) -> str:
+    """Text of an ``include``/``exclude`` spec that is the same in every process and every run (no addresses)."""
+    if spec is None:
+        return "None"
+    if isinstance(spec, str):
+        return repr(spec)
+    if isinstance(spec, re.Pattern):
+        return f"re.compile({spec.pattern!r}, {int(spec.flags)})"
+    if callable(spec):
+        func = getattr(spec, "func", None)  # functools.partial
+        target = spec if func is None else func
+        name = getattr(target, "__qualname__", None) or type(target).__qualname__
+        module = getattr(target, "__module__", None) or type(target).__module__
+        return f"{module}.{name}" if func is None else f"partial({module}.{name})"
+    try:
+        return "[" + ", ".join(spec_text(s) for s in spec) + "]"
+    except TypeError:
+        return type(spec).__qualname__
 
 
 def selected_layers(module: nn.Module, to: str, include: Any, exclude: Any) -> dict[str, str]:
@@ -84,12 +143,6 @@ def selected_layers(module: nn.Module, to: str, include: Any, exclude: Any) -> d
             continue
         out[name] = type(m).__qualname__
     return out
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    parent._modules[child] = new
 
 
 class CrossBatchScheduler(Callback):
@@ -145,8 +198,10 @@ class NormConversion(Callback):
     **Wiring.** In ``on_train_batch_start`` it does what :class:`CrossBatchScheduler` does (CmBN windows follow
     ``accumulate_grad_batches``, CBN burn-in counts optimizer steps), unless such a callback is present.
 
-    **End of fit.** With ``revert_on_fit_end=True`` the layers it converted are turned back into plain
-    ``nn.BatchNorm1d/2d/3d`` in ``on_fit_end`` (:func:`syncnorm.revert`), for export.
+    **End of fit.** With ``revert_on_fit_end=True`` the layers this callback created are turned back into plain
+    ``nn.BatchNorm1d/2d/3d`` in ``on_fit_end``, for export: one ``syncnorm.convert(model, "batch")`` from the root
+    restricted to those layers (a layer shared under several names stays one shared layer; the dimension is the
+    one of the layer it replaced). Layers of the target family that the user built or converted are left alone.
 
     Args:
         to: target of :func:`syncnorm.convert` (``"sync"``, ``"renorm"``, ``"cross_iteration"``,
@@ -179,7 +234,8 @@ class NormConversion(Callback):
         self.revert_on_fit_end = revert_on_fit_end
         self.group_size = group_size
         self.layer_kwargs = layer_kwargs
-        self._converted: dict[str, str] = {}  # qualified name -> class name, of the layers converted in setup
+        self._converted: dict[str, str] = {}  # qualified name -> class name, of the target-family layers selected
+        self._made: set[int] = set()  # ids of the layers this callback created (the only ones it reverts)
         self._checkpoint_target: Optional[str] = None
         self._group: Any = None  # process group made from group_size (never pickled)
         self._has_group = False
@@ -193,7 +249,9 @@ class NormConversion(Callback):
     @override
     def state_key(self) -> str:
         # several NormConversion callbacks (different targets or layers) may share a Trainer
-        return self._generate_state_key(to=self.to, include=repr(self.include), exclude=repr(self.exclude))
+        # stable text, the same after a restart (patterns as text, predicates by module and qualified name)
+        return self._generate_state_key(to=self.to, include=spec_text(self.include),
+                                        exclude=spec_text(self.exclude))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -215,7 +273,8 @@ class NormConversion(Callback):
 
                 self._group, self._has_group = comm.new_groups(self.group_size), True
             kwargs["process_group"] = self._group
-        self._converted = convert_missing(pl_module, self.to, self.include, self.exclude, kwargs)
+        self._converted, made = convert_missing(pl_module, self.to, self.include, self.exclude, kwargs)
+        self._made |= made
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -260,13 +319,8 @@ class NormConversion(Callback):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.revert_on_fit_end:
             return
-        from ..convert import revert
-
-        modules = dict(pl_module.named_modules())
-        for name in self._converted:
-            layer = modules.get(name)
-            if layer is not None and name:
-                _replace(pl_module, name, revert(layer))
+        revert_made(pl_module, self.to, self._made)
+        self._made = set()
         self._converted = {}
 
     @override

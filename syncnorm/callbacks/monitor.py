@@ -33,8 +33,11 @@ class BatchNormMonitor(Callback):
     - ``clip_fraction``: for :class:`syncnorm.BatchRenorm`, the fraction of channels whose ``r`` or ``d`` was clipped
       at the last training forward (identical on every rank).
 
-    **When.** ``logging_interval="step"``: on the optimizer steps the trainer logs (``log_every_n_steps``), from the
-    last micro-batch of that step, in ``on_before_optimizer_step``. ``"epoch"``: at the end of every training epoch,
+    **When.** ``logging_interval="step"``: on the optimizer steps with ``(step + 1) % log_every_n_steps == 0``
+    (``step`` = optimizer steps taken so far, the step Lightning logs at), from the last micro-batch of that step,
+    in ``on_before_optimizer_step``. The decision uses only values identical on every rank, so every rank joins the
+    collective or none does (Lightning's extra logging when ``trainer.should_stop`` is set is not followed: one rank
+    may set it before the others). ``"epoch"``: at the end of every training epoch,
     from its last training forward. Local moments come from forward pre-hooks that are installed only while a
     logging step (or, for ``"epoch"``, the epoch) runs and cost ``O(N C)`` local work, no communication.
 

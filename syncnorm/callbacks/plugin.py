@@ -10,7 +10,7 @@ from pytorch_lightning.plugins.layer_sync import LayerSync
 from torch.nn import Module
 from typing_extensions import override
 
-from .conversion import CrossBatchScheduler, _replace, convert_missing, validate_conversion_args
+from .conversion import CrossBatchScheduler, convert_missing, revert_made, validate_conversion_args
 
 __all__ = ["SyncNormPlugin"]
 
@@ -33,13 +33,10 @@ class _PluginCompanion(CrossBatchScheduler):
     @override
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: dict[str, Any]) -> None:
-        modules = dict(pl_module.named_modules())
         state = {}
-        for name in self.plugin._converted:
-            layer = modules.get(name)
-            if layer is not None:
-                state[name] = {key: buf.detach().clone() for key in _family_buffers(layer)
-                               if (buf := layer._buffers[key]) is not None}
+        for name, layer in self.plugin._made_layers(pl_module).items():
+            state[name] = {key: buf.detach().clone() for key in _family_buffers(layer)
+                           if (buf := layer._buffers[key]) is not None}
         checkpoint[_CHECKPOINT_KEY] = state
 
 
@@ -56,7 +53,9 @@ class SyncNormPlugin(LayerSync):
       ``fit``;
     - it is applied *after* the checkpoint restore. A layer with state beyond BatchNorm's state-dict keys (the
       CrossIterationBatchNorm history, the CrossMiniBatchNorm window sums) would make ``fit(ckpt_path=...)`` fail
-      with unexpected keys. So the plugin makes those buffers non-persistent: checkpoints keep BatchNorm's keys
+      with unexpected keys. So the plugin makes those buffers non-persistent in the layers it creates (a layer of
+      the target family the user built exists before the restore too and keeps its buffers in the state dict;
+      the plugin neither changes nor reverts it): checkpoints keep BatchNorm's keys
       and load into the plain model, the converted model, and a model converted by :class:`NormConversion`
       (missing family buffers start empty there). The family state travels in the checkpoint under the separate
       key ``"syncnorm_layer_state"`` and is put back into the converted layers on ``fit(ckpt_path=...)`` when
@@ -84,6 +83,7 @@ class SyncNormPlugin(LayerSync):
         self.exclude = exclude
         self.layer_kwargs = layer_kwargs
         self._converted: dict[str, str] = {}
+        self._made: set[int] = set()  # ids of the layers apply() created: the only ones revert() touches
 
     @property
     def converted(self) -> dict[str, str]:
@@ -92,17 +92,24 @@ class SyncNormPlugin(LayerSync):
 
     @override
     def apply(self, model: Module) -> Module:
-        """Convert ``model``'s layers (those not already of the target family); returns ``model``."""
-        self._converted = convert_missing(model, self.to, self.include, self.exclude, self.layer_kwargs)
-        modules = dict(model.named_modules())
-        for name in self._converted:
-            layer = modules[name]
+        """Convert ``model``'s layers (those not already of the target family); returns ``model``.
+
+        Only the layers created here get non-persistent family buffers and are reverted by :meth:`revert`; layers
+        of the target family that the user built are left as they are (their state stays in the state dict)."""
+        self._converted, made = convert_missing(model, self.to, self.include, self.exclude, self.layer_kwargs)
+        self._made |= made
+        modules = self._made_layers(model)
+        for layer in modules.values():
             for key in _family_buffers(layer):
                 layer._non_persistent_buffers_set.add(key)
         trainer = getattr(model, "_trainer", None)
         if trainer is not None:
             self._attach_to(trainer, model, modules)
         return model
+
+    def _made_layers(self, model: Module) -> dict[str, Module]:
+        """``{first qualified name: layer}`` of the layers :meth:`apply` created that are still in ``model``."""
+        return {name: m for name, m in model.named_modules() if id(m) in self._made}
 
     def _attach_to(self, trainer: "pl.Trainer", model: Module, modules: dict) -> None:
         if not any(isinstance(cb, _PluginCompanion) and cb.plugin is self for cb in trainer.callbacks):
@@ -128,13 +135,14 @@ class SyncNormPlugin(LayerSync):
 
     @override
     def revert(self, model: Module) -> Module:
-        """Turn the layers :meth:`apply` converted back into plain BatchNorm; returns ``model``."""
-        from ..convert import revert
+        """Turn the layers :meth:`apply` created back into plain BatchNorm; returns ``model``.
 
-        modules = dict(model.named_modules())
-        for name in self._converted:
-            layer = modules.get(name)
-            if layer is not None:
-                _replace(model, name, revert(layer))
+        One ``syncnorm.convert(model, "batch")`` from the root restricted to those layers: a layer shared under
+        several names is reverted once and stays shared, the dimension (1d/2d/3d) is the one of the layer it
+        replaced, and layers the user built are left alone. Lightning calls this in the strategy's ``teardown``;
+        a layer whose dimension cannot be told leaves the model unreverted with a warning instead of failing the
+        finished fit."""
+        revert_made(model, self.to, self._made)
+        self._made = set()
         self._converted = {}
         return model

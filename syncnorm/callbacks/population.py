@@ -62,11 +62,15 @@ class PreciseBN(Callback):
 
     **What.** ``num_batches`` batches of ``trainer.train_dataloader`` (the same sharded loader the epoch used; with
     several training loaders, one batch of each zipped together) are moved to the device by the strategy (the
-    LightningModule's batch-transfer hooks apply) and run through the LightningModule in training mode without
-    gradients; every BatchNorm-family layer's running mean and *unbiased* variance become the mean and variance of
-    all values that reached it on every rank (counts, sums and squares merged exactly, one all-reduce for all
-    layers). This differs from detectron2/fvcore, which average per-batch variances and so drop the variance of
-    the batch means; see :func:`syncnorm.precise_bn`.
+    LightningModule's batch-transfer hooks apply) and run through the LightningModule without gradients, with every
+    module in the mode it had during the epoch's training steps (recorded at the end of each training batch of a
+    due epoch; Lightning has switched the model to eval mode by ``on_validation_start``). Every BatchNorm-family
+    layer that was in training mode gets as running mean and *unbiased* variance the mean and variance of all
+    values that reached it on every rank (counts, sums and squares merged exactly, one all-reduce for all layers);
+    a layer the LightningModule keeps in eval mode (frozen BatchNorm) is left alone. This differs from
+    detectron2/fvcore, which average per-batch variances and so drop the variance of the batch means; see
+    :func:`syncnorm.precise_bn`. Hooks on the recomputed layers do not run during the pass, so
+    :class:`BatchNormMonitor` statistics are not mixed with the pass's batches.
 
     **Untouched.** ``momentum``, ``num_batches_tracked``, each module's ``training`` flag, layer histories and windows,
     the random number generators, the optimizer, the progress counters and the training iterator are as before.
@@ -94,6 +98,7 @@ class PreciseBN(Callback):
         self._last_epoch: Optional[int] = None  # epoch of the last recomputation
         self._last_step: Optional[int] = None
         self._runs = 0
+        self._train_modes: Optional[dict[str, bool]] = None  # module name -> training, during the due epoch
 
     @property
     def runs(self) -> int:
@@ -110,13 +115,32 @@ class PreciseBN(Callback):
         return bool(progress.is_last_batch) or progress.current.ready >= trainer.num_training_batches
 
     def recompute(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> int:
-        """Recompute the statistics now (every rank must call it); returns the batches this rank used."""
-        used = precise_bn(pl_module, _TransferredBatches(trainer), self.num_batches, forward_fn=self.forward_fn,
-                          device=None)
+        """Recompute the statistics now (every rank must call it); returns the batches this rank used.
+
+        The modules run in the modes recorded during the last training batch (if any), which are restored
+        afterwards to what they are now."""
+        now = [(m, m.training) for m in pl_module.modules()]
+        try:
+            if self._train_modes is not None:
+                for name, m in pl_module.named_modules():
+                    if name in self._train_modes:
+                        m.training = self._train_modes[name]
+            used = precise_bn(pl_module, _TransferredBatches(trainer), self.num_batches, forward_fn=self.forward_fn,
+                              device=None)
+        finally:
+            for m, mode in now:
+                m.training = mode
+            self._train_modes = None
         self._last_epoch = trainer.current_epoch
         self._last_step = trainer.global_step
         self._runs += 1
         return used
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._due(trainer):  # the modes the training step ran with (frozen layers stay frozen in the pass)
+            self._train_modes = {name: m.training for name, m in pl_module.named_modules()}
 
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
