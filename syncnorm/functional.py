@@ -203,8 +203,11 @@ def _backward(ctx, grad_out):
             # dx = scale * (dy - (sum dy + x_hat * sum dy*x_hat) / N) = dy * scale + x * B + Cc per channel
             B = scale * invstd * g_dy_xhat * (-1.0 / ctx.total)
             Cc = scale * g_dy * (-1.0 / ctx.total) - B * mean
-            nd = x.dim()
-            dx = torch.addcmul(_view(Cc, nd), x, _view(B, nd)).addcmul_(dy, _view(scale, nd))
+            # x * B + Cc through eval-mode batch_norm (one vectorised pass; torch.addcmul with a broadcast first
+            # operand is about twice as slow on CPU), then + dy * scale in place
+            ones = torch.ones_like(B)
+            dx = F.batch_norm(x, torch.zeros_like(B), ones, B, Cc, False, 0.0, 0.0)
+            dx.addcmul_(dy, _view(scale, x.dim()))
             if dx.dtype != ctx.in_dtype:
                 dx = dx.to(ctx.in_dtype)
             dx = dx.contiguous(memory_format=_memory_format(x))
@@ -301,8 +304,8 @@ def update_running_stats(
         else:
             factor = momentum
         unbiased = batch.m2 / max(global_count - 1, 1)
-        running_mean.mul_(1 - factor).add_(batch.mean.to(running_mean.dtype), alpha=factor)
-        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        running_mean.lerp_(batch.mean.to(running_mean.dtype), factor)
+        running_var.lerp_(unbiased.to(running_var.dtype), factor)
 
 
 def sync_batch_norm(

@@ -173,19 +173,17 @@ def local_sums(x: torch.Tensor) -> LocalSums:
 
 def _pack(local: Optional[LocalSums], num_features: int, device, extra: Optional[torch.Tensor],
           extra_numel: int, error: bool) -> torch.Tensor:
-    head = torch.tensor([0.0, 1.0 if error else 0.0], dtype=_STATS_DTYPE, device=device)
-    if error or local is None or local.count == 0:
+    count = 0.0 if (error or local is None) else float(local.count)
+    head = torch.tensor([count, 1.0 if error else 0.0], dtype=_STATS_DTYPE, device=device)
+    if count == 0:
         body = torch.zeros(2 * num_features, dtype=_STATS_DTYPE, device=device)
+    elif local.shift is None:
+        body = torch.cat([local.s1, local.s2]).to(_STATS_DTYPE)
     else:
-        head[0] = float(local.count)
+        # back to raw sums in fp64: sum x = s1 + n k, sum x^2 = s2 + 2 k s1 + n k^2
         s1 = local.s1.to(_STATS_DTYPE)
-        s2 = local.s2.to(_STATS_DTYPE)
-        if local.shift is not None:
-            # back to raw sums in fp64: sum x = s1 + n k, sum x^2 = s2 + 2 k s1 + n k^2
-            k = local.shift.to(_STATS_DTYPE)
-            s2 = s2 + k * (2 * s1 + local.count * k)
-            s1 = s1 + local.count * k
-        body = torch.cat([s1, s2])
+        k = local.shift.to(_STATS_DTYPE)
+        body = torch.cat([s1 + count * k, local.s2.to(_STATS_DTYPE) + k * (2 * s1 + count * k)])
     parts = [head, body]
     if extra_numel:
         if error or extra is None:
