@@ -33,7 +33,12 @@ def machine_line() -> str:
 
 def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
                      sync: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median wall time in milliseconds of each candidate, timed interleaved ``repeats`` times."""
+    """Median wall time in milliseconds of each candidate, timed interleaved ``repeats`` times.
+
+    ``sync`` (e.g. a barrier, or a CPU-clock marker) is called right before and right after each sample, outside the
+    timed region: with a barrier, every rank starts a sample together and its time includes waiting for peers inside
+    the sample's own collectives, but not the barrier itself.
+    """
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -44,9 +49,10 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
                 sync()
             t0 = time.perf_counter()
             fn()
+            elapsed = (time.perf_counter() - t0) * 1e3
             if sync:
                 sync()
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            samples[name].append(elapsed)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

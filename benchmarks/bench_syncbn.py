@@ -8,7 +8,8 @@ Prints three tables (medians over interleaved repeats, one thread per rank):
 
 1. world 1: SyncBatchNorm (its whole synchronising path runs; the all-reduce is a no-op at world 1) and the
    naive autograd design against nn.BatchNorm2d;
-2. world 2 (gloo, CPU): the same, collectives included, plus SyncBatchNorm with the collective skipped;
+2. world 2 (gloo, CPU): the same, collectives included, plus SyncBatchNorm with the collective skipped; a barrier
+   before and after each sample aligns the ranks (its own cost is outside the timed region);
 3. bytes each rank sends per layer for W = 2..1024: syncnorm's one all-reduce per direction against torch's
    all_gather design (computed from the algorithms; the payload sizes are the ones the collective ledger records).
 
@@ -83,18 +84,23 @@ def _candidates(shape, skip_collective: bool = False):
     return cands
 
 
-def _time_shapes(repeats: int, skip_collective: bool) -> dict:
+def _time_shapes(repeats: int, skip_collective: bool, sync=None) -> dict:
     torch.set_num_threads(1)
     out = {}
     for shape in SHAPES:
         n = repeats if shape[0] * shape[2] > 16 else repeats * 5
-        out[shape] = time_interleaved(_candidates(shape, skip_collective), repeats=n)
+        out[shape] = time_interleaved(_candidates(shape, skip_collective), repeats=n, sync=sync)
     return out
 
 
 def _world_worker(rank: int, world: int, repeats: int) -> dict:
-    out = _time_shapes(repeats, skip_collective=True)
+    # a barrier before and after every sample: each rank's time starts together and includes waiting for the peer
+    out = _time_shapes(repeats, skip_collective=True, sync=syncnorm.comm.barrier)
     out["torch.nn.SyncBatchNorm"] = torch_syncbn_on_cpu()
+    # the floor set by the backend: one bare all-reduce of a forward-sized vector (C = 256), barrier-aligned
+    vec = torch.zeros(2 * 256 + 2, dtype=torch.float64)
+    out["all_reduce_ms"] = time_interleaved({"all_reduce": lambda: syncnorm.comm.all_reduce_sum(vec)},
+                                            repeats=repeats * 5, sync=syncnorm.comm.barrier)["all_reduce"]
     return out
 
 
@@ -151,6 +157,8 @@ def main(argv=None) -> None:
 
         res = run_distributed(_world_worker, 2, args.repeats, timeout=900)
         print(f"\ntorch.nn.SyncBatchNorm in a 2-rank gloo world: {res[0]['torch.nn.SyncBatchNorm']}")
+        print(f"one bare gloo all_reduce of 514 fp64 values (the backend's latency floor; the layer issues two per "
+              f"forward+backward): {res[0]['all_reduce_ms']:.2f} ms (rank 1: {res[1]['all_reduce_ms']:.2f} ms)")
         names2 = names + ["SyncBatchNorm, collective skipped"]
         print("\n## World 2 (gloo, CPU, 1 thread/rank): forward+backward, ratio to nn.BatchNorm2d on the same local "
               "shape, collectives included (rank 0; rank 1 in parentheses)\n")
