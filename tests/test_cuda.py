@@ -98,3 +98,21 @@ def test_nccl_oracle_uneven_and_empty(monkeypatch):
         results = pool.starmap_async(_nccl_worker, [(r, world) for r in range(world)]).get(timeout=180)
     for rank, r in enumerate(results):
         assert all(v is None for v in r.values()), (rank, r)
+
+
+@pytest.mark.parametrize("to", ["sync", "cross_iteration"])
+def test_cuda_lightning_fit_with_norm_conversion(to, tmp_path):
+    import pytorch_lightning as pl
+
+    from syncnorm.callbacks import NormConversion
+    from tests.lightning_helpers import TinyNet, dataset, loader
+
+    model = TinyNet()
+    cb = NormConversion(to)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[cb])
+    trainer.fit(model, loader(dataset(12), 4))
+    layer_type = {"sync": syncnorm.SyncBatchNorm, "cross_iteration": syncnorm.CrossIterationBatchNorm}[to]
+    assert isinstance(model.bn1, layer_type)
+    assert model.bn1.running_mean.is_cuda
+    assert int(model.bn1.num_batches_tracked) == 3
