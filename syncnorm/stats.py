@@ -148,12 +148,15 @@ def _sums(x: torch.Tensor, acc: torch.dtype, shift: Optional[torch.Tensor]) -> t
     return rows.sum(0), (rows * rows).sum(0)
 
 
-def local_sums(x: torch.Tensor) -> LocalSums:
+def local_sums(x: torch.Tensor, sync_free: Optional[bool] = None) -> LocalSums:
     """Per-channel sums of ``x`` (shape ``(N, C, *)``), accumulated in :func:`accumulation_dtype`.
 
-    One pass computes ``sum(x)`` and ``sum(x^2)``. When that is ill-conditioned (``mean^2 > 100 var`` in some
-    channel, e.g. mean 1e4 with unit variance) the channel sums are recomputed around the local mean, so
-    ``s2 - s1^2/n`` never cancels catastrophically. Empty input gives zero sums.
+    On CPU (default) one pass computes ``sum(x)`` and ``sum(x^2)``; when that is ill-conditioned
+    (``mean^2 > 100 var`` in some channel, e.g. mean 1e4 with unit variance) the channel sums are recomputed around
+    the local mean, so ``s2 - s1^2/n`` never cancels catastrophically. That decision reads one flag on the host.
+    On accelerators (``sync_free``, the default off CPU) no host read is allowed, so the sums are always taken
+    around the first sample of each channel, which is within a few standard deviations of the mean for any data.
+    Empty input gives zero sums.
     """
     acc = accumulation_dtype(x.dtype)
     channels = x.shape[1]
@@ -161,6 +164,12 @@ def local_sums(x: torch.Tensor) -> LocalSums:
     if count == 0:
         z = torch.zeros(channels, dtype=acc, device=x.device)
         return LocalSums(0, None, z, z.clone())
+    if sync_free is None:
+        sync_free = x.device.type != "cpu"
+    if sync_free:
+        shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(acc)
+        s1, s2 = _sums(x, acc, shift)
+        return LocalSums(count, shift, s1, s2)
     s1, s2 = _sums(x, acc, None)
     mean = s1 / count
     var = s2 / count - mean * mean
