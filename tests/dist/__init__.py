@@ -1,0 +1,1 @@
+"""Multi-process test harness (gloo on CPU, every world has a timeout)."""
