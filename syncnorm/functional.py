@@ -152,9 +152,12 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
     if spec.renorm is not None:
         r, d = spec.renorm(batch.mean, batch.m2 / max(global_count, 1))
         r, d = r.to(acc), d.to(acc)
-        w_eff = r if weight is None else weight.to(acc) * r
-        wd = d if weight is None else weight.to(acc) * d
-        b_eff = wd if bias is None else bias.to(acc) + wd
+        w = None if weight is None else _cast(weight, acc)
+        w_eff = r if w is None else w * r
+        if bias is None:
+            b_eff = d if w is None else w * d
+        else:
+            b_eff = _cast(bias, acc) + d if w is None else torch.addcmul(_cast(bias, acc), w, d)
     if total == 0:
         y = x.clone()  # empty on every rank: nothing to normalise
     else:
@@ -182,12 +185,12 @@ def _backward(ctx, grad_out):
         x = x.to(acc)
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     if x.numel() > 0:
-        dy = grad_out.to(acc).contiguous(memory_format=_memory_format(x))
+        dy = _cast(grad_out, acc).contiguous(memory_format=_memory_format(x))
         # eval-mode native backward used as a fused reduction: sum(dy * (x - mean) * invstd) and sum(dy)
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, None, mean, var, None, None, False, spec.eps, [False, True, True]
         )
-        sum_dy_xhat, sum_dy = sum_dy_xhat.to(acc), sum_dy.to(acc)
+        sum_dy_xhat, sum_dy = _cast(sum_dy_xhat, acc), _cast(sum_dy, acc)
     else:
         dy = None
         sum_dy_xhat = torch.zeros(C, dtype=acc, device=mean.device)
@@ -199,7 +202,7 @@ def _backward(ctx, grad_out):
         if x.numel() > 0:
             g_dy, g_dy_xhat = packed[:C], packed[C:]
             invstd = torch.rsqrt(var + spec.eps)
-            scale = invstd if w_eff is None else w_eff.to(acc) * invstd
+            scale = invstd if w_eff is None else _cast(w_eff, acc) * invstd
             # dx = scale * (dy - (sum dy + x_hat * sum dy*x_hat) / N) = dy * scale + x * B + Cc per channel
             B = scale * invstd * g_dy_xhat * (-1.0 / ctx.total)
             Cc = scale * g_dy * (-1.0 / ctx.total) - B * mean
@@ -215,11 +218,16 @@ def _backward(ctx, grad_out):
             dx = torch.zeros_like(x, dtype=ctx.in_dtype)
     dw = db = None
     if need_dw:
-        dw = sum_dy_xhat if ctx.r is None else sum_dy_xhat * ctx.r + sum_dy * ctx.d
-        dw = dw.to(weight.dtype)
+        dw = sum_dy_xhat if ctx.r is None else torch.addcmul(sum_dy_xhat * ctx.r, sum_dy, ctx.d)
+        dw = _cast(dw, weight.dtype)
     if need_db:
-        db = sum_dy.to(weight.dtype if weight is not None else acc)
+        db = _cast(sum_dy, weight.dtype if weight is not None else acc)
     return dx, dw, db, None
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # .to() is a no-op for the same dtype but still costs a dispatch; this path runs twice per layer per step
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _centered(x: torch.Tensor, center: Optional[torch.Tensor], acc: torch.dtype) -> torch.Tensor:
@@ -351,10 +359,10 @@ def renorm_factors(
     fp64 without gradient.
     """
     with torch.no_grad():
-        sigma_b = torch.sqrt(batch_var.to(torch.float64) + eps)
-        sigma = torch.sqrt(running_var.to(torch.float64) + eps)
-        r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
-        d = ((batch_mean.to(torch.float64) - running_mean.to(torch.float64)) / sigma).clamp(-d_max, d_max)
+        # few small ops: this runs every training forward, and on small layers each op is a visible share of it
+        inv_sigma = torch.rsqrt(_cast(running_var, torch.float64) + eps)
+        r = torch.sqrt(_cast(batch_var, torch.float64) + eps).mul_(inv_sigma).clamp_(1.0 / r_max, r_max)
+        d = torch.sub(_cast(batch_mean, torch.float64), running_mean).mul_(inv_sigma).clamp_(-d_max, d_max)
     return r, d
 
 
