@@ -185,6 +185,7 @@ def _cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``syncnorm`` argument parser: subcommands ``summary``, ``bench`` and ``launch``."""
     parser = argparse.ArgumentParser(prog=PROG, description="syncnorm: correct batch statistics for small batches.")
     sub = parser.add_subparsers(dest="command", metavar="{summary,bench,launch}")
     sub.required = True

@@ -87,6 +87,7 @@ class Moments(NamedTuple):
         return Moments(n, mean, m2)
 
     def detach(self) -> "Moments":
+        """The same moments with every tensor detached from autograd."""
         return Moments(self.count.detach(), self.mean.detach(), self.m2.detach())
 
 

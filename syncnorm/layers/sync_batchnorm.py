@@ -76,6 +76,7 @@ class GlobalStatsBatchNorm(_BatchNorm):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Eval: ``nn.BatchNorm`` eval, no collective. Training: the subclass's synchronised path."""
         if not self.training:
             self._check_input_dim(input)
             # eval: nn.BatchNorm eval (running statistics, or local batch statistics without running stats)
