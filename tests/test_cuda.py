@@ -60,42 +60,26 @@ def test_cuda_convert_train_step(target):
 
 
 def _nccl_worker(rank: int, world: int) -> dict:
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{os.environ['SYNCNORM_TEST_PORT']}",
-                           rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        sizes = [3, 0, 5, 2][:world]
-        xs = make_batches(sizes, C, (4, 4), 1)
-        gs = grad_weights(sizes, C, (4, 4), 1)
-        layer = syncnorm.SyncBatchNorm(C).double().cuda()
-        x = xs[rank].cuda().requires_grad_(True)
-        y = layer(x)
-        (y * gs[rank].cuda()).sum().backward()
-        ref = reference_bn(torch.cat(xs), torch.cat(gs), layer.weight.cpu(), layer.bias.cpu())
-        off = sum(sizes[:rank])
-        sl = slice(off, off + sizes[rank])
-        return {"y": compare("y", y, ref["y"][sl], 1e-9, 1e-10), "dx": compare("dx", x.grad, ref["dx"][sl], 1e-9, 1e-10),
-                "rv": compare("rv", layer.running_var, ref["running_var"], 1e-9, 1e-10)}
-    finally:
-        dist.destroy_process_group()
+    sizes = [3, 0, 5, 2][:world]
+    xs = make_batches(sizes, C, (4, 4), 1)
+    gs = grad_weights(sizes, C, (4, 4), 1)
+    layer = syncnorm.SyncBatchNorm(C).double().cuda()
+    x = xs[rank].cuda().requires_grad_(True)
+    y = layer(x)
+    (y * gs[rank].cuda()).sum().backward()
+    ref = reference_bn(torch.cat(xs), torch.cat(gs), layer.weight.cpu(), layer.bias.cpu())
+    off = sum(sizes[:rank])
+    sl = slice(off, off + sizes[rank])
+    return {"y": compare("y", y, ref["y"][sl], 1e-9, 1e-10), "dx": compare("dx", x.grad, ref["dx"][sl], 1e-9, 1e-10),
+            "rv": compare("rv", layer.running_var, ref["running_var"], 1e-9, 1e-10)}
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-def test_nccl_oracle_uneven_and_empty(monkeypatch):
-    import torch.multiprocessing as mp
-
-    from tests.dist.harness import free_port
+def test_nccl_oracle_uneven_and_empty():
+    from tests.dist.harness import run_distributed
 
     world = min(torch.cuda.device_count(), 4)
-    monkeypatch.setenv("SYNCNORM_TEST_PORT", str(free_port()))
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(world) as pool:
-        results = pool.starmap_async(_nccl_worker, [(r, world) for r in range(world)]).get(timeout=180)
+    results = run_distributed(_nccl_worker, world, timeout=180, backend="nccl")
     for rank, r in enumerate(results):
         assert all(v is None for v in r.values()), (rank, r)
 

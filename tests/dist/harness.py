@@ -32,15 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, pg_timeout: float) -> None:
+def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, pg_timeout: float,
+           backend: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -57,8 +60,10 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
-                    pg_timeout: float = 60.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks and return the per-rank results.
+                    pg_timeout: float = 60.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks and return the per-rank results.
+
+    ``backend`` is "gloo" (CPU, the default) or "nccl" (rank r uses ``cuda:r``).
 
     ``fn`` must be importable (a module-level function) and its result picklable. Raises :class:`RankFailure` if
     any rank raised, ``TimeoutError`` if the world did not finish within ``timeout`` seconds.
@@ -66,7 +71,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, pg_timeout), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, pg_timeout, backend),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
