@@ -150,8 +150,11 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
     r = d = None
     w_eff, b_eff = weight, bias
     if spec.renorm is not None:
-        r, d = spec.renorm(batch.mean, batch.m2 / max(global_count, 1))
-        r, d = r.to(acc), d.to(acc)
+        if spec.prior is None:  # used is batch: reuse the statistics already cast for normalising
+            r, d = spec.renorm(mean if center is None else center, var)
+        else:
+            r, d = spec.renorm(batch.mean, batch.m2 / max(global_count, 1))
+        r, d = _cast(r, acc), _cast(d, acc)
         w = None if weight is None else _cast(weight, acc)
         w_eff = r if w is None else w * r
         if bias is None:
@@ -270,7 +273,8 @@ def normalize(
         layer_name: used in error messages.
         prior: constant moments merged with the batch before normalising (no gradient flows into them); the
             backward then divides by the merged count.
-        renorm: ``f(batch_mean, batch_var_biased) -> (r, d)`` giving Batch-Renorm factors (treated as constants).
+        renorm: ``f(batch_mean, batch_var_biased) -> (r, d)`` giving Batch-Renorm factors (treated as constants);
+            the statistics come in the accumulation dtype (fp32, fp64 for fp64 input).
         extra, extra_numel: payload summed over ranks in the same forward collective.
         error: invalid-input exception of this rank (see :func:`syncnorm.stats.global_moments`).
 
@@ -355,14 +359,15 @@ def renorm_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-Renorm factors ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``.
 
-    ``sigma_B = sqrt(var_B + eps)`` with the biased batch variance, ``sigma = sqrt(running_var + eps)``. Computed in
-    fp64 without gradient.
+    ``sigma_B = sqrt(var_B + eps)`` with the biased batch variance, ``sigma = sqrt(running_var + eps)``. Computed
+    without gradient, in the promoted dtype of the inputs (the layer passes the batch statistics in the accumulation
+    dtype it normalises with: fp32, or fp64 for fp64 input).
     """
     with torch.no_grad():
         # few small ops: this runs every training forward, and on small layers each op is a visible share of it
-        inv_sigma = torch.rsqrt(_cast(running_var, torch.float64) + eps)
-        r = torch.sqrt(_cast(batch_var, torch.float64) + eps).mul_(inv_sigma).clamp_(1.0 / r_max, r_max)
-        d = torch.sub(_cast(batch_mean, torch.float64), running_mean).mul_(inv_sigma).clamp_(-d_max, d_max)
+        inv_sigma = torch.rsqrt(running_var + eps)
+        r = (torch.sqrt(batch_var + eps) * inv_sigma).clamp_(1.0 / r_max, r_max)
+        d = ((batch_mean - running_mean) * inv_sigma).clamp_(-d_max, d_max)
     return r, d
 
 
