@@ -11,11 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import check_input
+from .sync_batchnorm import NamedLayer
 
 __all__ = ["FrozenBatchNorm"]
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(NamedLayer, nn.Module):
     r"""BatchNorm whose statistics and affine transform are constants: ``nn.BatchNorm`` eval maths, always.
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel, for any input ``(N, C, *)``
@@ -79,16 +80,6 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-
-    @property
-    def layer_name(self) -> str:
-        """Name used in error messages: the qualified name if known, else ``FrozenBatchNorm(num_features)``."""
-        base = f"{type(self).__name__}({self.num_features})"
-        return f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base
-
-    def set_layer_name(self, name: str) -> None:
-        """Record the qualified name of this layer in its model, for error messages."""
-        self._syncnorm_name = name
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``(input - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel (dim 1), in either mode.

@@ -11,10 +11,26 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import comm
 from ..functional import NormInfo, check_input, normalize, update_running_stats
 
-__all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm"]
+__all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm", "NamedLayer"]
 
 
-class GlobalStatsBatchNorm(_BatchNorm):
+class NamedLayer:
+    """Mixin giving a norm layer the name its error messages use (set by :func:`syncnorm.convert`)."""
+
+    _syncnorm_name: Optional[str] = None
+
+    @property
+    def layer_name(self) -> str:
+        """Name used in error messages: the qualified name if known, else ``ClassName(num_features)``."""
+        base = f"{type(self).__name__}({self.num_features})"
+        return f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base
+
+    def set_layer_name(self, name: str) -> None:
+        """Record the qualified name of this layer in its model, for error messages."""
+        self._syncnorm_name = name
+
+
+class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     """Base of the synchronising layers: BatchNorm's parameters, buffers and state-dict keys, plus a process group.
 
     Subclasses implement :meth:`_train_forward`; eval mode is handled here and is exactly ``nn.BatchNorm`` eval (no
@@ -47,17 +63,7 @@ class GlobalStatsBatchNorm(_BatchNorm):
         self._syncnorm_name: Optional[str] = None
         self.last_info: Optional[NormInfo] = None  # what the last training forward computed (for monitors)
 
-    # ------------------------------------------------------------------ naming and validation
-    @property
-    def layer_name(self) -> str:
-        """Name used in error messages: the qualified name if known, else ``ClassName(num_features)``."""
-        base = f"{type(self).__name__}({self.num_features})"
-        return f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base
-
-    def set_layer_name(self, name: str) -> None:
-        """Record the qualified name of this layer in its model, for error messages."""
-        self._syncnorm_name = name
-
+    # ------------------------------------------------------------------ validation
     def _check_input_dim(self, input: torch.Tensor) -> None:
         err = check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
         if err is not None:
