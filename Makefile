@@ -9,10 +9,11 @@ export OMP_NUM_THREADS ?= 1
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml syncnorm/csrc/norm_cpu.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,examples]"
+	-$(PY) -m syncnorm.cli build-ext
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -182,12 +182,29 @@ def _cmd_bench(args) -> int:
     return 1 if failed else 0
 
 
+def _cmd_build_ext(args) -> int:
+    import time
+
+    from . import _ext
+
+    start = time.perf_counter()
+    try:
+        module = _ext.build(verbose=args.verbose)
+    except Exception as e:  # noqa: BLE001 - report whatever the compiler or loader said
+        print(f"syncnorm: the C++ CPU kernels could not be built: {type(e).__name__}: {e}\n"
+              "syncnorm still works: it uses the Python path (same results, slower on small layers).",
+              file=sys.stderr)
+        return 1
+    print(f"syncnorm: C++ CPU kernels ready ({module.__name__}, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``syncnorm`` argument parser: subcommands ``summary``, ``bench`` and ``launch``."""
+    """The ``syncnorm`` argument parser: subcommands ``summary``, ``bench``, ``build-ext`` and ``launch``."""
     parser = argparse.ArgumentParser(prog=PROG, description="syncnorm: correct batch statistics for small batches.")
-    sub = parser.add_subparsers(dest="command", metavar="{summary,bench,launch}")
+    sub = parser.add_subparsers(dest="command", metavar="{summary,bench,build-ext,launch}")
     sub.required = True
 
     p = sub.add_parser("summary", help="table of a model's norm layers, before and after conversion",
@@ -207,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--benchmarks-dir", help="directory of bench_*.py (default: ./benchmarks, else the checkout's)")
     p.set_defaults(func=_cmd_bench, script_args=[])
+
+    p = sub.add_parser("build-ext", help="compile the C++ CPU kernels now (else: at the first CPU training step)",
+                       description="Compile and load syncnorm's C++ CPU kernels (syncnorm/csrc/norm_cpu.cpp), cached "
+                                   "under TORCH_EXTENSIONS_DIR. Exit status 1 when they cannot be built; syncnorm then "
+                                   "uses its Python path.")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    p.set_defaults(func=_cmd_build_ext)
 
     # parsed by syncnorm.launch itself (torchrun's parser); declared here for --help
     sub.add_parser("launch", help="torchrun with syncnorm's defaults (= python -m syncnorm.launch)", add_help=False)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import comm
+from . import _ext, comm
 from .stats import Moments, accumulation_dtype, global_moments
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "sync_batch_norm",
     "batch_renorm",
     "renorm_factors",
+    "RenormBounds",
     "check_input",
 ]
 
@@ -140,8 +141,51 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
             f"across the whole process group (input size {tuple(x.shape)} on this rank)"
         )
     acc = accumulation_dtype(x.dtype)
+    center_on = mean_to_std > _CENTER_ABOVE and x.numel() > 0
+    fast = _ext.ops_for(x) if total > 0 else None
+    bounds = spec.renorm if isinstance(spec.renorm, RenormBounds) and spec.prior is None else None
+    if fast is not None and (spec.renorm is None or bounds is not None):
+        # the CPU kernels (syncnorm/csrc/norm_cpu.cpp): one pass, y = ((x - c0) - m1) * scale + shift; the
+        # per-channel c0, m1 (mean = c0 + m1), invstd and w_eff come back in fp64 for the backward
+        y, c0, m1, invstd, w_eff, r, d = fast.forward_apply(
+            x, used.mean, used.m2, total, center_on, weight, bias, spec.eps,
+            None if bounds is None else bounds.running_mean, None if bounds is None else bounds.running_var,
+            1.0 if bounds is None else bounds.r_max, 0.0 if bounds is None else bounds.d_max)
+        if bounds is None:
+            r = d = None
+        else:
+            bounds.last = (r, d)
+        ctx.save_for_backward(x, weight, c0, m1, invstd, w_eff)
+        ctx.r, ctx.d = r, d
+        ctx.fast = True
+        if r is not None:
+            r, d = r.to(acc), d.to(acc)
+    else:
+        mean, var, center, w_eff, b_eff, r, d = _prepare(weight, bias, spec, batch, used, global_count, total,
+                                                         center_on, acc)
+        if total == 0:
+            y = x.clone()  # empty on every rank: nothing to normalise
+        else:
+            y = F.batch_norm(_centered(x, center, acc), mean, var, w_eff, b_eff, training=False, momentum=0.0,
+                             eps=spec.eps)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        ctx.save_for_backward(x, weight, mean, var, w_eff, center)
+        ctx.r, ctx.d = r, d
+        ctx.fast = False
+    spec.info = NormInfo(batch=batch, used=used, global_count=global_count, r=r, d=d, extra_sum=extra_sum,
+                         local_count=x.numel() // max(x.shape[1], 1))
+    ctx.spec = spec
+    ctx.total = total
+    ctx.in_dtype = x.dtype
+    return y
+
+
+def _prepare(weight, bias, spec: _Spec, batch: Moments, used: Moments, global_count: int, total: int,
+             center_on: bool, acc: torch.dtype):
+    # the mean/var to normalise with (accumulation dtype), the optional centre, the effective affine, and r, d
     center = None
-    if mean_to_std > _CENTER_ABOVE and x.numel() > 0:
+    if center_on:
         center = used.mean.to(acc)
         mean = (used.mean - center.to(used.mean.dtype)).to(acc)
     else:
@@ -161,24 +205,12 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
             b_eff = d if w is None else w * d
         else:
             b_eff = _cast(bias, acc) + d if w is None else torch.addcmul(_cast(bias, acc), w, d)
-    if total == 0:
-        y = x.clone()  # empty on every rank: nothing to normalise
-    else:
-        y = F.batch_norm(_centered(x, center, acc), mean, var, w_eff, b_eff, training=False, momentum=0.0,
-                         eps=spec.eps)
-        if y.dtype != x.dtype:
-            y = y.to(x.dtype)
-    spec.info = NormInfo(batch=batch, used=used, global_count=global_count, r=r, d=d, extra_sum=extra_sum,
-                         local_count=x.numel() // max(x.shape[1], 1))
-    ctx.save_for_backward(x, weight, mean, var, w_eff, center)
-    ctx.spec = spec
-    ctx.total = total
-    ctx.r, ctx.d = r, d
-    ctx.in_dtype = x.dtype
-    return y
+    return mean, var, center, w_eff, b_eff, r, d
 
 
 def _backward(ctx, grad_out):
+    if ctx.fast:
+        return _backward_fast(ctx, grad_out)
     x, weight, mean, var, w_eff, center = ctx.saved_tensors
     spec: _Spec = ctx.spec
     acc = mean.dtype
@@ -219,13 +251,46 @@ def _backward(ctx, grad_out):
             dx = dx.contiguous(memory_format=_memory_format(x))
         else:
             dx = torch.zeros_like(x, dtype=ctx.in_dtype)
+    return (dx,) + _affine_grads(ctx, weight, sum_dy, sum_dy_xhat, acc) + (None,)
+
+
+def _backward_fast(ctx, grad_out):
+    # the CPU kernels: one pass for the local sums, the same one collective, one pass for dx
+    x, weight, c0, m1, invstd, w_eff = ctx.saved_tensors
+    spec: _Spec = ctx.spec
+    C = spec.num_features
+    acc = accumulation_dtype(x.dtype)
+    fast = _ext.ops()
+    need_dx = ctx.needs_input_grad[0]
+    if x.numel() > 0:
+        dy, sum_dy, sum_dy_xhat, packed = fast.backward_reduce(_cast(grad_out, x.dtype), x, c0, m1, invstd)
+    else:
+        dy = None
+        sum_dy = sum_dy_xhat = torch.zeros(C, dtype=torch.float64)
+        packed = torch.zeros(2 * C, dtype=acc)
+    dx = None
+    if need_dx:
+        comm.all_reduce_sum(packed, spec.process_group)  # [sum dy, sum dy * x_hat], 2C values of acc dtype
+        if x.numel() > 0:
+            dx = fast.backward_dx(dy, x, c0, m1, invstd, w_eff, packed, ctx.total)
+        else:
+            dx = torch.zeros_like(x)
+    return (dx,) + _affine_grads(ctx, weight, sum_dy, sum_dy_xhat, acc) + (None,)
+
+
+def _affine_grads(ctx, weight, sum_dy, sum_dy_xhat, acc):
+    # local gradients of weight and bias (DDP averages them): y = x_hat * (w r) + (b + w d)
+    need_dw, need_db = ctx.needs_input_grad[1:3]
     dw = db = None
     if need_dw:
-        dw = sum_dy_xhat if ctx.r is None else torch.addcmul(sum_dy_xhat * ctx.r, sum_dy, ctx.d)
+        r, d = ctx.r, ctx.d
+        if r is not None and r.dtype != sum_dy.dtype:
+            r, d = r.to(sum_dy.dtype), d.to(sum_dy.dtype)
+        dw = sum_dy_xhat if r is None else torch.addcmul(sum_dy_xhat * r, sum_dy, d)
         dw = _cast(dw, weight.dtype)
     if need_db:
         db = _cast(sum_dy, weight.dtype if weight is not None else acc)
-    return dx, dw, db, None
+    return dw, db
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -308,6 +373,11 @@ def update_running_stats(
     """
     if running_mean is None or global_count == 0:
         return
+    fast = _ext.ops_for(running_mean)
+    if fast is not None:  # the same update from C++ (syncnorm/csrc/norm_cpu.cpp)
+        fast.update_running(running_mean, running_var, num_batches_tracked, batch.mean, batch.m2, global_count,
+                            0.0 if momentum is None else float(momentum), momentum is None)
+        return
     with torch.no_grad():
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
@@ -371,6 +441,29 @@ def renorm_factors(
     return r, d
 
 
+class RenormBounds:
+    """The ``renorm`` callable of :func:`normalize` for Batch Renorm: :func:`renorm_factors` against fixed running
+    statistics and clip bounds.
+
+    Calling it with the batch mean and biased variance returns ``(r, d)`` and keeps them in :attr:`last`. Being a
+    known type (not an arbitrary callable), it lets the CPU fast path compute ``r`` and ``d`` in C++ with the same
+    operations; the running statistics are read at the call, i.e. before this step's update.
+    """
+
+    __slots__ = ("running_mean", "running_var", "eps", "r_max", "d_max", "last")
+
+    def __init__(self, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, r_max: float,
+                 d_max: float) -> None:
+        self.running_mean, self.running_var = running_mean, running_var
+        self.eps, self.r_max, self.d_max = float(eps), float(r_max), float(d_max)
+        self.last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def __call__(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.last = renorm_factors(batch_mean, batch_var, self.running_mean, self.running_var, self.eps, self.r_max,
+                                   self.d_max)
+        return self.last
+
+
 def batch_renorm(
     input: torch.Tensor,
     running_mean: torch.Tensor,
@@ -396,12 +489,8 @@ def batch_renorm(
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps), None
     err = check_input(input, input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else -1, layer_name)
-    rm, rv = running_mean.detach().clone(), running_var.detach().clone()
-
-    def _rd(mean_b, var_b):
-        return renorm_factors(mean_b, var_b, rm, rv, eps, r_max, d_max)
-
+    bounds = RenormBounds(running_mean.detach(), running_var.detach(), eps, r_max, d_max)
     y, info = normalize(input, weight, bias, eps=eps, process_group=process_group, layer_name=layer_name,
-                        renorm=_rd, error=err)
+                        renorm=bounds, error=err)
     update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, info.global_count, momentum)
     return y, info

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from . import comm
+from . import _ext, comm
 
 __all__ = [
     "Moments",
@@ -221,6 +221,13 @@ class GlobalMoments(NamedTuple):
     mean_to_std: float
 
 
+def _peer_error(layer_name: str, flag: float) -> PeerInputError:
+    return PeerInputError(
+        f"{layer_name}: {int(flag)} other rank(s) of the process group passed invalid input to this layer "
+        "(see the error raised on those ranks); every rank stops here instead of hanging"
+    )
+
+
 def global_moments(
     x: Optional[torch.Tensor],
     num_features: int,
@@ -254,6 +261,15 @@ def global_moments(
         extra_numel = 0 if extra is None else extra.numel()
     if device is None:
         device = x.device
+    fast = _ext.ops_for(x) if (error is None and x is not None and not extra_numel) else None
+    if fast is not None and torch.device(device).type == "cpu":
+        # the same computation from C++ (syncnorm/csrc/norm_cpu.cpp): local sums + pack, collective, unpack
+        buf = fast.local_pack(x, num_features)
+        comm.all_reduce_sum(buf, process_group)
+        n, mean, m2, count, flag, mean_to_std = fast.finish(buf, num_features, eps)
+        if flag > 0:
+            raise _peer_error(layer_name, flag)
+        return GlobalMoments(Moments(n, mean, m2), int(round(count)), None, mean_to_std)
     local = None if (error is not None or x is None) else local_sums(x)
     buf = _pack(local, num_features, device, extra, extra_numel, error is not None)
     comm.all_reduce_sum(buf, process_group)
@@ -270,10 +286,7 @@ def global_moments(
     if error is not None:
         raise error
     if flag > 0:
-        raise PeerInputError(
-            f"{layer_name}: {int(flag)} other rank(s) of the process group passed invalid input to this layer "
-            "(see the error raised on those ranks); every rank stops here instead of hanging"
-        )
+        raise _peer_error(layer_name, flag)
     extra_sum = buf[2 + 2 * num_features:] if extra_numel else None
     return GlobalMoments(Moments(n, mean, m2), int(round(count)), extra_sum, mean_to_std)
 

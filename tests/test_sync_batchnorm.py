@@ -144,8 +144,21 @@ def test_autocast_bf16_cpu():
     torch.testing.assert_close(net[1].running_mean.double(), 0.1 * conv_out.mean((0, 2, 3)), rtol=1e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("path", ["cpu-kernels", "python"])
 @pytest.mark.parametrize("case", ["mean1e4", "tiny_var"])
-def test_numerics_fp32_against_fp64(case):
+def test_numerics_fp32_against_fp64(case, path):
+    if path == "python":
+        previous = syncnorm._ext.set_enabled(False)
+        try:
+            _numerics_fp32_against_fp64(case)
+        finally:
+            syncnorm._ext.set_enabled(previous)
+    else:
+        assert syncnorm._ext.ops() is not None, "the CPU kernels did not build"
+        _numerics_fp32_against_fp64(case)
+
+
+def _numerics_fp32_against_fp64(case):
     g = torch.Generator().manual_seed(3)
     if case == "mean1e4":
         x64 = torch.randn(8, C, 7, 7, generator=g, dtype=torch.float64) + 1e4
@@ -176,11 +189,11 @@ def _all_reduce_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _oracle_checks(rank: int, world: int, results: dict) -> None:
+def _oracle_checks(rank: int, world: int, results: dict, tag: str = "") -> None:
     for sizes in CASES[world]:
         for dim_name, spatial in SHAPES.items():
             for momentum in (0.1, None):
-                key = f"oracle{sizes}-{dim_name}-m{momentum}"
+                key = f"oracle{tag}{sizes}-{dim_name}-m{momentum}"
                 seed = sum(sizes) * 7 + len(spatial)
                 xs = make_batches(sizes, C, spatial, seed)
                 gs = grad_weights(sizes, C, spatial, seed)
@@ -342,6 +355,12 @@ def _ddp_parity_check(rank: int, world: int, results: dict) -> None:
 def _world_worker(rank: int, world: int) -> dict:
     results: dict = {}
     _oracle_checks(rank, world, results)
+    # the same checks on the Python path (what runs on CUDA, or on CPU without the C++ kernels)
+    previous = syncnorm._ext.set_enabled(False)
+    try:
+        _oracle_checks(rank, world, results, tag="-python-path")
+    finally:
+        syncnorm._ext.set_enabled(previous)
     _ledger_checks(rank, world, results)
     _layout_and_precision_checks(rank, world, results)
     _error_checks(rank, world, results)
@@ -373,7 +392,7 @@ def test_distributed_oracle(world_results):
     world, results = world_results
     failures = {k: v for r in results for k, v in r.items() if k.startswith("oracle") and v is not None}
     n_checks = sum(1 for k in results[0] if k.startswith("oracle"))
-    assert n_checks == len(CASES[world]) * len(SHAPES) * 2
+    assert n_checks == len(CASES[world]) * len(SHAPES) * 2 * 2  # both paths
     assert not failures, failures
 
 

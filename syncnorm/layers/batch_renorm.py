@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..functional import NormInfo, normalize, renorm_factors
+from ..functional import NormInfo, RenormBounds, normalize
 from ..stats import accumulation_dtype
 from .sync_batchnorm import GlobalStatsBatchNorm
 
@@ -145,29 +145,25 @@ class BatchRenorm(GlobalStatsBatchNorm):
     # ------------------------------------------------------------------ forward
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         # r and d read the running statistics before _update_running below changes them in place
-        running_mean, running_var = self.running_mean, self.running_var
         eps, r_max, d_max = self.eps, self._r_max, self._d_max
-        factors = []  # the fp64 r and d, kept for clip_fraction (NormInfo holds them in the accumulation dtype)
-
-        def rd(batch_mean: torch.Tensor, batch_var: torch.Tensor):
-            factors[:] = renorm_factors(batch_mean, batch_var, running_mean, running_var, eps, r_max, d_max)
-            return factors[0], factors[1]
-
         # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so skip the O(C) renorm arithmetic
-        # (about 40 small tensor ops per forward+backward; the warm-up of a schedule costs exactly SyncBatchNorm)
+        # (the warm-up of a schedule costs exactly SyncBatchNorm)
         plain = r_max == 1.0 and d_max == 0.0
+        bounds = None if plain else RenormBounds(self.running_mean, self.running_var, eps, r_max, d_max)
         y, info = normalize(
             input, self.weight, self.bias, eps=eps, num_features=self.num_features,
-            process_group=self.process_group, layer_name=self.layer_name, renorm=None if plain else rd,
+            process_group=self.process_group, layer_name=self.layer_name, renorm=bounds,
             error=self._input_error(input),
         )
         if plain:
             ones = torch.ones_like(info.batch.mean)
-            factors[:] = ones, torch.zeros_like(ones)
+            factors = (ones, torch.zeros_like(ones))
             acc = accumulation_dtype(input.dtype)
             info.r, info.d = factors[0].to(acc), factors[1].to(acc)
+        else:
+            factors = bounds.last
         self._update_running(info)
-        self.last_info = info
+        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
         self._clip_state = (factors[0], factors[1], r_max, d_max)
         return y
 

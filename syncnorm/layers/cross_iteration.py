@@ -264,7 +264,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             batch = Moments(info.batch.count.clone(), info.batch.mean, info.batch.m2)
             info.used = batch if info.used is info.batch else info.used
             info.batch, info.extra_sum = batch, None
-        self.last_info = info
+        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
         self.step.add_(1)
         return y
 

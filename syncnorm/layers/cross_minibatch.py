@@ -108,7 +108,7 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
             process_group=self.process_group, layer_name=self.layer_name, prior=prior, error=err,
         )
         self._update_running(info)
-        self.last_info = info
+        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
         with torch.no_grad():
             used = info.used
             self.window_count.copy_(used.count)

@@ -165,5 +165,5 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
             process_group=self.process_group, layer_name=self.layer_name, error=self._input_error(input),
         )
         self._update_running(info)
-        self.last_info = info
+        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
         return y

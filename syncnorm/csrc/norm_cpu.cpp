@@ -1,0 +1,554 @@
+// syncnorm's CPU kernels: the synchronising BatchNorm path as four fused passes over the data.
+//
+// The Python path in syncnorm/stats.py and syncnorm/functional.py is the reference and stays in use on other
+// devices (and on CPU when this extension is unavailable). It computes the same quantities with ATen operations:
+// about sixty of them per layer per forward + backward, each paying dispatch and allocation, and five to six
+// memory passes. Here one training step of one layer is
+//
+//   forward   local_pack    one read of x: per-channel sum and sum of squares  -> fp64 [n, 0, S1, S2]
+//             (all-reduce of that vector, in Python: syncnorm.comm)
+//             finish        O(C): mean, M2, count, error flag, max |mean| / std
+//             forward_apply O(C) + one read of x, one write of y: y = ((x - c0) - m1) * scale + shift'
+//   backward  backward_reduce  one read of x and dy: per-channel sum dy, sum dy * x_hat -> [S_dy, S_dyx]
+//             (all-reduce, in Python)
+//             backward_dx      one read of x and dy, one write of dx
+//
+// Sums are taken in the input's accumulation type (float for float/half/bfloat16, double for double) in SIMD lanes
+// over blocks of at most 4096 values, and each block's total is added in double, so a channel of millions of
+// values keeps fp32-level relative accuracy. As in stats.local_sums, a channel whose mean is large against its
+// spread (mean^2 > 100 var) is summed again around its local mean, and the input is normalised around the
+// fp32-rounded global mean c0 (an exact subtraction) when max |mean| / std > 64, so nothing cancels.
+//
+// Layouts: contiguous (N, C, *) and channels_last / channels_last_3d (and (N, C) 2-d input, which is (N, 1, C)).
+// Anything else is made contiguous first. Nothing here touches torch.distributed.
+
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+constexpr int64_t kBlock = 4096;       // values per lane block before its total is added in double
+constexpr double kShiftAbove = 100.0;  // = stats._SHIFT_ABOVE
+
+enum class Layout { kChannelsFirst, kChannelsLast };
+
+// (rows, C, S) view of an (N, C, *) tensor: channels-first has N rows of C * S, channels-last N * S rows of C.
+struct Geometry {
+  Layout layout;
+  int64_t N, C, S;
+};
+
+Geometry geometry(const Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = (N * C) ? x.numel() / (N * C) : 1;
+  if (x.dim() == 2) return {Layout::kChannelsLast, N, C, 1};
+  if (x.is_contiguous()) return {Layout::kChannelsFirst, N, C, S};
+  return {Layout::kChannelsLast, N, C, S};  // the caller made sure x is channels_last(_3d) contiguous
+}
+
+// x itself when it is contiguous in a supported layout, else a contiguous copy.
+Tensor supported(const Tensor& x) {
+  if (x.dim() == 2 || x.is_contiguous()) return x;
+  if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return x;
+  return x.contiguous();
+}
+
+at::MemoryFormat memory_format(const Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  if (x.dim() == 5 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))
+    return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+// Explicit SIMD through GCC/Clang vector extensions (32-byte vectors: one AVX register, or two SSE registers when
+// the CPU has no AVX). Reductions need it: without -ffast-math the compiler does not reassociate a scalar sum.
+template <typename A>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int64_t W = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  static constexpr int64_t W = 4;
+};
+
+template <typename V>
+inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename A, typename V>
+inline double hsum(V v) {
+  double t = 0;
+  for (int64_t j = 0; j < static_cast<int64_t>(sizeof(V) / sizeof(A)); ++j) t += v[j];
+  return t;
+}
+
+// s1 += sum(p - k), s2 += sum((p - k)^2) over n contiguous values (each block of kBlock values summed in A).
+template <typename T, typename A>
+inline void moments_run(const T* p, int64_t n, A k, double& s1, double& s2) {
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t end = std::min(n, i + kBlock);
+    A ta = 0, tb = 0;
+    if constexpr (std::is_same_v<T, A>) {
+      using V = typename Simd<A>::V;
+      constexpr int64_t W = Simd<A>::W;
+      V a0{}, a1{}, b0{}, b1{};
+      for (; i + 2 * W <= end; i += 2 * W) {
+        const V v0 = load<V>(p + i) - k, v1 = load<V>(p + i + W) - k;
+        a0 += v0;
+        a1 += v1;
+        b0 += v0 * v0;
+        b1 += v1 * v1;
+      }
+      s1 += hsum<A>(a0 + a1);
+      s2 += hsum<A>(b0 + b1);
+    }
+    for (; i < end; ++i) {
+      const A v = static_cast<A>(p[i]) - k;
+      ta += v;
+      tb += v * v;
+    }
+    s1 += ta;
+    s2 += tb;
+  }
+}
+
+// s1 += sum(dy), s2 += sum(dy * ((x - c0) - m1)) over n contiguous values.
+template <typename T, typename A>
+inline void dot_run(const T* dy, const T* x, int64_t n, A c0, A m1, double& s1, double& s2) {
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t end = std::min(n, i + kBlock);
+    A ta = 0, tb = 0;
+    if constexpr (std::is_same_v<T, A>) {
+      using V = typename Simd<A>::V;
+      constexpr int64_t W = Simd<A>::W;
+      V a0{}, a1{}, b0{}, b1{};
+      for (; i + 2 * W <= end; i += 2 * W) {
+        const V g0 = load<V>(dy + i), g1 = load<V>(dy + i + W);
+        a0 += g0;
+        a1 += g1;
+        b0 += g0 * ((load<V>(x + i) - c0) - m1);
+        b1 += g1 * ((load<V>(x + i + W) - c0) - m1);
+      }
+      s1 += hsum<A>(a0 + a1);
+      s2 += hsum<A>(b0 + b1);
+    }
+    for (; i < end; ++i) {
+      const A g = static_cast<A>(dy[i]);
+      ta += g;
+      tb += g * ((static_cast<A>(x[i]) - c0) - m1);
+    }
+    s1 += ta;
+    s2 += tb;
+  }
+}
+
+// Per-channel reduction of a channels-last (R rows of C) pair of streams: f(row_ptr_offset, lanes...) is
+// accumulated in A over blocks of rows, each block added in double into out1/out2. Threads split the rows.
+template <typename A, typename Body>
+void channels_last_reduce(int64_t R, int64_t C, double* out1, double* out2, const Body& body) {
+  std::mutex mu;
+  const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(kBlock / 8, R));
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<double> d1(C, 0.0), d2(C, 0.0);
+    std::vector<A> a(C), b(C);
+    for (int64_t r0 = begin; r0 < end; r0 += rows_per_block) {
+      const int64_t r1 = std::min(end, r0 + rows_per_block);
+      std::fill(a.begin(), a.end(), A(0));
+      std::fill(b.begin(), b.end(), A(0));
+      for (int64_t r = r0; r < r1; ++r) body(r, a.data(), b.data());
+      for (int64_t c = 0; c < C; ++c) {
+        d1[c] += a[c];
+        d2[c] += b[c];
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t c = 0; c < C; ++c) {
+      out1[c] += d1[c];
+      out2[c] += d2[c];
+    }
+  });
+}
+
+// Per-channel sum(x - k) and sum((x - k)^2) in double; k may be null (no shift).
+template <typename T>
+void channel_moments(const Tensor& x, const Geometry& g, const double* k, double* s1, double* s2) {
+  using A = at::opmath_type<T>;
+  const T* p = x.const_data_ptr<T>();
+  const int64_t N = g.N, C = g.C, S = g.S;
+  std::fill(s1, s1 + C, 0.0);
+  std::fill(s2, s2 + C, 0.0);
+  if (g.layout == Layout::kChannelsFirst) {
+    at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const A kc = k ? static_cast<A>(k[c]) : A(0);
+        for (int64_t n = 0; n < N; ++n) moments_run<T, A>(p + (n * C + c) * S, S, kc, s1[c], s2[c]);
+      }
+    });
+  } else {
+    std::vector<A> kk(C, A(0));
+    if (k) for (int64_t c = 0; c < C; ++c) kk[c] = static_cast<A>(k[c]);
+    channels_last_reduce<A>(N * S, C, s1, s2, [&](int64_t r, A* a, A* b) {
+      const T* row = p + r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = static_cast<A>(row[c]) - kk[c];
+        a[c] += v;
+        b[c] += v * v;
+      }
+    });
+  }
+}
+
+Tensor f64(int64_t n, const Tensor& like) { return at::empty({n}, like.options().dtype(at::kDouble)); }
+
+// The C values of an optional per-channel tensor as doubles (empty when absent), without a tensor allocation.
+std::vector<double> as_doubles(const c10::optional<Tensor>& t, int64_t C) {
+  std::vector<double> out;
+  if (!t.has_value() || !t->defined()) return out;
+  TORCH_CHECK(t->numel() == C, "expected ", C, " per-channel values, got ", t->numel());
+  const Tensor v = t->is_contiguous() ? *t : t->contiguous();
+  out.resize(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "syncnorm_as_doubles", [&] {
+    const scalar_t* p = v.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<double>(p[c]);
+  });
+  return out;
+}
+
+}  // namespace
+
+// = stats.local_sums + stats._pack on CPU (no error, no payload): the fp64 vector [count, 0, sum x, sum x^2]
+// this rank contributes to the forward all-reduce. Channels with mean^2 > 100 var are summed around their mean.
+Tensor local_pack(const Tensor& x_in, int64_t num_features) {
+  Tensor buf = at::zeros({2 + 2 * num_features}, x_in.options().dtype(at::kDouble));
+  const int64_t C = x_in.size(1);
+  const int64_t count = C ? x_in.numel() / C : 0;
+  if (count == 0) return buf;
+  TORCH_CHECK(C == num_features, "local_pack: expected ", num_features, " channels, got ", C);
+  const Tensor x = supported(x_in);
+  const Geometry g = geometry(x);
+  double* out = buf.data_ptr<double>();
+  double* s1 = out + 2;
+  double* s2 = out + 2 + C;
+  out[0] = static_cast<double>(count);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_local_pack", [&] {
+    channel_moments<scalar_t>(x, g, nullptr, s1, s2);
+    const double n = static_cast<double>(count);
+    std::vector<double> shift(C, 0.0);
+    bool shifted = false;
+    for (int64_t c = 0; c < C; ++c) {
+      const double mean = s1[c] / n, var = s2[c] / n - mean * mean;
+      if (mean * mean > kShiftAbove * std::max(var, 0.0)) shifted = true;
+      shift[c] = mean;
+    }
+    if (!shifted) return;
+    // round the shift to the accumulation type, so x - shift is computed exactly as it is rebuilt below
+    using A = at::opmath_type<scalar_t>;
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<double>(static_cast<A>(shift[c]));
+    std::vector<double> t1(C), t2(C);
+    channel_moments<scalar_t>(x, g, shift.data(), t1.data(), t2.data());
+    for (int64_t c = 0; c < C; ++c) {  // back to raw sums: sum x = t1 + n k, sum x^2 = t2 + k (2 t1 + n k)
+      const double k = shift[c];
+      s1[c] = t1[c] + n * k;
+      s2[c] = t2[c] + k * (2.0 * t1[c] + n * k);
+    }
+  });
+  return buf;
+}
+
+// = the tail of stats.global_moments: from the summed vector to (n, mean, M2) in fp64 and the host-side
+// (count, error flag, max |mean| / sqrt(var + eps)) that decide what every rank does next.
+std::tuple<Tensor, Tensor, Tensor, double, double, double> finish(const Tensor& buf, int64_t C, double eps) {
+  TORCH_CHECK(buf.scalar_type() == at::kDouble && buf.is_contiguous() && buf.numel() >= 2 + 2 * C,
+              "finish: expected a contiguous fp64 vector of at least 2C + 2 values");
+  const double* b = buf.const_data_ptr<double>();
+  Tensor n = at::full({}, b[0], buf.options());
+  Tensor mean = f64(C, buf), m2 = f64(C, buf);
+  double* pm = mean.data_ptr<double>();
+  double* pq = m2.data_ptr<double>();
+  const double safe_n = std::max(b[0], 1.0);
+  double ratio = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double s1 = b[2 + c];
+    pm[c] = s1 / safe_n;
+    pq[c] = std::max(b[2 + C + c] - pm[c] * s1, 0.0);
+    ratio = std::max(ratio, pm[c] * pm[c] / (pq[c] / safe_n + eps));
+  }
+  return {n, mean, m2, b[0], b[1], std::sqrt(ratio)};
+}
+
+// The training forward after the statistics: y = ((x - c0) - m1) * scale + shift per channel, with
+// mean = c0 + m1 the normalising mean (c0 = its fp32 rounding when `center`, else 0), var = m2 / total,
+// invstd = 1 / sqrt(var + eps), and for Batch Renorm (running statistics given)
+//   r = clip(sqrt(var + eps) / sqrt(running_var + eps), 1/r_max, r_max),
+//   d = clip((mean - running_mean) / sqrt(running_var + eps), -d_max, d_max),
+//   scale = w * r * invstd, shift = b + w * d   (w = 1, b = 0 when absent),
+// else scale = w * invstd, shift = b. Returns y (x's dtype and memory format) and fp64 per-channel
+// (c0, m1, invstd, w_eff = scale / invstd, r, d); r, d are empty without renorm.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_apply(
+    const Tensor& x_in, const Tensor& mean64, const Tensor& m2_64, int64_t total, bool center,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, double eps,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var, double r_max,
+    double d_max) {
+  const int64_t C = mean64.numel();
+  const bool renorm = running_mean.has_value();
+  const bool fp64 = x_in.scalar_type() == at::kDouble;
+  Tensor c0 = f64(C, mean64), m1 = f64(C, mean64), invstd = f64(C, mean64), w_eff = f64(C, mean64);
+  Tensor r = renorm ? f64(C, mean64) : at::empty({0}, mean64.options());
+  Tensor d = renorm ? f64(C, mean64) : at::empty({0}, mean64.options());
+  const std::vector<double> wd = as_doubles(weight, C), bd = as_doubles(bias, C);
+  const std::vector<double> rmd = as_doubles(running_mean, C), rvd = as_doubles(running_var, C);
+  std::vector<double> scale(C), shift(C);
+  const double* pmean = mean64.const_data_ptr<double>();
+  const double* pm2 = m2_64.const_data_ptr<double>();
+  const double denom = static_cast<double>(std::max<int64_t>(total, 1));
+  double* pc0 = c0.data_ptr<double>();
+  double* pm1 = m1.data_ptr<double>();
+  double* pinv = invstd.data_ptr<double>();
+  double* pw = w_eff.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    // the statistics as the Python path normalises with them: rounded to the accumulation type
+    const double mean = pmean[c];
+    const double k = center ? (fp64 ? mean : static_cast<double>(static_cast<float>(mean))) : 0.0;
+    const double m = fp64 ? mean - k : static_cast<double>(static_cast<float>(mean - k));
+    const double var = fp64 ? pm2[c] / denom : static_cast<double>(static_cast<float>(pm2[c] / denom));
+    const double inv = 1.0 / std::sqrt(var + eps);
+    const double w = wd.empty() ? 1.0 : wd[c];
+    const double b = bd.empty() ? 0.0 : bd[c];
+    double we = w, sh = b;
+    if (renorm) {
+      const double inv_sigma = 1.0 / std::sqrt(rvd[c] + eps);
+      const double rc = std::clamp(std::sqrt(var + eps) * inv_sigma, 1.0 / r_max, r_max);
+      const double dc = std::clamp((k + m - rmd[c]) * inv_sigma, -d_max, d_max);
+      r.data_ptr<double>()[c] = rc;
+      d.data_ptr<double>()[c] = dc;
+      we = w * rc;
+      sh = b + w * dc;
+    }
+    pc0[c] = k;
+    pm1[c] = m;
+    pinv[c] = inv;
+    pw[c] = we;
+    scale[c] = we * inv;
+    shift[c] = sh - m * scale[c];  // y = (x - c0) * scale + shift
+  }
+  const Tensor x = supported(x_in);
+  const Geometry g = geometry(x);
+  Tensor y = at::empty_like(x, memory_format(x));
+  if (x.numel() == 0) return {y, c0, m1, invstd, w_eff, r, d};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_forward_apply", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    scalar_t* q = y.data_ptr<scalar_t>();
+    std::vector<A> ka(C), sa(C), ha(C);
+    for (int64_t c = 0; c < C; ++c) {
+      ka[c] = static_cast<A>(pc0[c]);
+      sa[c] = static_cast<A>(scale[c]);
+      ha[c] = static_cast<A>(shift[c]);
+    }
+    const int64_t N = g.N, S = g.S;
+    if (g.layout == Layout::kChannelsFirst) {
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t row = b; row < e; ++row) {
+          const int64_t c = row % C;
+          const A k = ka[c], s = sa[c], h = ha[c];
+          const scalar_t* src = p + row * S;
+          scalar_t* dst = q + row * S;
+          for (int64_t i = 0; i < S; ++i) dst[i] = static_cast<scalar_t>((static_cast<A>(src[i]) - k) * s + h);
+        }
+      });
+    } else {
+      at::parallel_for(0, N * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t row = b; row < e; ++row) {
+          const scalar_t* src = p + row * C;
+          scalar_t* dst = q + row * C;
+          for (int64_t c = 0; c < C; ++c)
+            dst[c] = static_cast<scalar_t>((static_cast<A>(src[c]) - ka[c]) * sa[c] + ha[c]);
+        }
+      });
+    }
+  });
+  return {y, c0, m1, invstd, w_eff, r, d};
+}
+
+// = functional.update_running_stats, in place (the caller skips a global count of 0): running_mean and
+// running_var move toward the batch mean and the unbiased variance m2 / (count - 1) by `momentum`, or by
+// 1 / num_batches_tracked (after its increment) when `cumulative`.
+void update_running(const Tensor& running_mean, const Tensor& running_var,
+                    const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean64, const Tensor& m2_64,
+                    int64_t global_count, double momentum, bool cumulative) {
+  at::NoGradGuard no_grad;
+  const bool nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (nbt) num_batches_tracked->add_(1);
+  double factor = momentum;
+  if (cumulative) factor = nbt ? 1.0 / num_batches_tracked->item<double>() : 0.0;
+  const double denom = static_cast<double>(std::max<int64_t>(global_count - 1, 1));
+  const int64_t C = mean64.numel();
+  const double* pm = mean64.const_data_ptr<double>();
+  const double* pq = m2_64.const_data_ptr<double>();
+  auto lerp = [factor](double a, double b) {  // torch.lerp's formula
+    return factor < 0.5 ? a + factor * (b - a) : b - (b - a) * (1.0 - factor);
+  };
+  auto move = [&](const Tensor& buf, bool var) {
+    if (!buf.is_contiguous() || buf.numel() != C) {  // unusual buffers: the ATen ops
+      Tensor target = var ? m2_64 / denom : mean64;
+      buf.lerp_(target.to(buf.scalar_type()), factor);
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buf.scalar_type(), "syncnorm_update_running", [&] {
+      scalar_t* q = buf.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        const double target = static_cast<double>(static_cast<scalar_t>(var ? pq[c] / denom : pm[c]));
+        q[c] = static_cast<scalar_t>(lerp(static_cast<double>(q[c]), target));
+      }
+    });
+  };
+  move(running_mean, false);
+  move(running_var, true);
+  running_mean.unsafeGetTensorImpl()->bump_version();
+  running_var.unsafeGetTensorImpl()->bump_version();
+}
+
+// Backward up to the collective: the local sum dy and sum dy * x_hat (x_hat = (x - mean) * invstd) per channel
+// in fp64, and both packed as [sum dy, sum dy * x_hat] in the accumulation dtype (fp32, or fp64 for fp64 input:
+// the backward all-reduce moves 2C values of it, as on the Python path). Returns (dy in x's layout, sum_dy,
+// sum_dy_xhat, packed).
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_out, const Tensor& x_in,
+                                                           const Tensor& c0, const Tensor& m1,
+                                                           const Tensor& invstd) {
+  const Tensor x = supported(x_in);
+  const Tensor dy = grad_out.contiguous(memory_format(x));
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "backward_reduce: grad dtype differs from the input dtype");
+  const Geometry g = geometry(x);
+  const int64_t C = g.C;
+  Tensor sums = at::zeros({2 * C}, c0.options());
+  double* s1 = sums.data_ptr<double>();
+  double* s2 = s1 + C;
+  const double* pc0 = c0.const_data_ptr<double>();
+  const double* pm1 = m1.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_backward_reduce", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pg = dy.const_data_ptr<scalar_t>();
+    const int64_t N = g.N, S = g.S;
+    if (g.layout == Layout::kChannelsFirst) {
+      at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) {
+          const A k = static_cast<A>(pc0[c]), m = static_cast<A>(pm1[c]);
+          for (int64_t n = 0; n < N; ++n) {
+            const int64_t off = (n * C + c) * S;
+            dot_run<scalar_t, A>(pg + off, px + off, S, k, m, s1[c], s2[c]);
+          }
+        }
+      });
+    } else {
+      std::vector<A> k(C), m(C);
+      for (int64_t c = 0; c < C; ++c) {
+        k[c] = static_cast<A>(pc0[c]);
+        m[c] = static_cast<A>(pm1[c]);
+      }
+      channels_last_reduce<A>(N * S, C, s1, s2, [&](int64_t r, A* a, A* b) {
+        const scalar_t* xr = px + r * C;
+        const scalar_t* gr = pg + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const A gv = static_cast<A>(gr[c]);
+          a[c] += gv;
+          b[c] += gv * ((static_cast<A>(xr[c]) - k[c]) - m[c]);
+        }
+      });
+    }
+  });
+  const double* pinv = invstd.const_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) s2[c] *= pinv[c];
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {dy, sums.narrow(0, 0, C), sums.narrow(0, C, C), sums.to(acc, /*non_blocking=*/false, /*copy=*/true)};
+}
+
+// dx = scale * (dy - g_dy / total - x_hat * g_dy_xhat / total) with the global sums packed = [g_dy, g_dy_xhat],
+// scale = w_eff * invstd; in x's dtype and memory format.
+Tensor backward_dx(const Tensor& dy, const Tensor& x_in, const Tensor& c0, const Tensor& m1, const Tensor& invstd,
+                   const Tensor& w_eff, const Tensor& packed, int64_t total) {
+  const Tensor x = supported(x_in);
+  const Geometry g = geometry(x);
+  const int64_t C = g.C;
+  const Tensor packed64 = packed.to(at::kDouble).contiguous();
+  const double* pg = packed64.const_data_ptr<double>();
+  const double* pinv = invstd.const_data_ptr<double>();
+  const double* pw = w_eff.const_data_ptr<double>();
+  const double* pc0 = c0.const_data_ptr<double>();
+  const double* pm1 = m1.const_data_ptr<double>();
+  const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(total, 1));
+  Tensor dx = at::empty_like(x, memory_format(x));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_backward_dx", [&] {
+    using A = at::opmath_type<scalar_t>;
+    // dx = dy * a1 + ((x - c0) - m1) * a2 + a3
+    std::vector<A> a1(C), a2(C), a3(C), k(C), m(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double scale = pw[c] * pinv[c];
+      a1[c] = static_cast<A>(scale);
+      a2[c] = static_cast<A>(-scale * pinv[c] * pg[C + c] * inv_n);
+      a3[c] = static_cast<A>(-scale * pg[c] * inv_n);
+      k[c] = static_cast<A>(pc0[c]);
+      m[c] = static_cast<A>(pm1[c]);
+    }
+    const scalar_t* px = x.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+    scalar_t* q = dx.data_ptr<scalar_t>();
+    const int64_t N = g.N, S = g.S;
+    if (g.layout == Layout::kChannelsFirst) {
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t row = b; row < e; ++row) {
+          const int64_t c = row % C;
+          const A b1 = a1[c], b2 = a2[c], b3 = a3[c], kc = k[c], mc = m[c];
+          const int64_t off = row * S;
+          for (int64_t i = 0; i < S; ++i)
+            q[off + i] = static_cast<scalar_t>(static_cast<A>(pdy[off + i]) * b1 +
+                                               ((static_cast<A>(px[off + i]) - kc) - mc) * b2 + b3);
+        }
+      });
+    } else {
+      at::parallel_for(0, N * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t row = b; row < e; ++row) {
+          const int64_t off = row * C;
+          for (int64_t c = 0; c < C; ++c)
+            q[off + c] = static_cast<scalar_t>(static_cast<A>(pdy[off + c]) * a1[c] +
+                                               ((static_cast<A>(px[off + c]) - k[c]) - m[c]) * a2[c] + a3[c]);
+        }
+      });
+    }
+  });
+  return dx;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "syncnorm CPU kernels (see syncnorm/csrc/norm_cpu.cpp)";
+  m.def("local_pack", &local_pack);
+  m.def("finish", &finish);
+  m.def("forward_apply", &forward_apply);
+  m.def("update_running", &update_running);
+  m.def("backward_reduce", &backward_reduce);
+  m.def("backward_dx", &backward_dx);
+}

@@ -1,0 +1,188 @@
+"""The C++ CPU kernels (syncnorm/csrc/norm_cpu.cpp) against the Python path and against float64 nn.BatchNorm.
+
+Every other test runs whichever path is active (the kernels, on CPU, when they build). Here both paths run on the
+same input and must agree, over the layouts, dtypes and options the kernels handle themselves: contiguous 1d/2d/3d,
+channels_last(_3d), (N, C) input, other strides (copied), long rows that span several summation blocks, fp64 / fp32
+/ fp16 / bf16, no affine, momentum None, Batch Renorm with active clipping, and the large-mean re-centring.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import syncnorm
+from syncnorm import _ext
+from tests.oracle import compare, reference_bn
+
+pytestmark = pytest.mark.skipif(_ext.ops() is None, reason="the C++ CPU kernels are unavailable here")
+
+
+def _run(layer, x, g, steps=2, python=False):
+    """`steps` training steps of a copy of `layer` on x; returns outputs, grads and buffers of the last one."""
+    layer = copy.deepcopy(layer)
+    previous = _ext.set_enabled(not python)
+    try:
+        for _ in range(steps):
+            xi = x.detach().clone().requires_grad_(True)
+            if layer.weight is not None:
+                layer.weight.grad = layer.bias.grad = None
+            y = layer(xi)
+            (y.double() * g).sum().backward()
+    finally:
+        _ext.set_enabled(previous)
+    out = {"y": y.detach(), "dx": xi.grad, "running_mean": layer.running_mean.clone(),
+           "running_var": layer.running_var.clone(), "nbt": int(layer.num_batches_tracked), "layer": layer}
+    if layer.weight is not None:
+        out["dw"], out["db"] = layer.weight.grad, layer.bias.grad
+    return out
+
+
+def _agree(a, b, rtol, atol):
+    errs = [compare(k, a[k], b[k], rtol, atol) for k in ("y", "dx", "dw", "db", "running_mean", "running_var")
+            if k in a]
+    errs = [e for e in errs if e]
+    if a["y"].dtype != b["y"].dtype:
+        errs.append(f"dtype {a['y'].dtype} != {b['y'].dtype}")
+    if a["y"].stride() != b["y"].stride() or a["dx"].stride() != b["dx"].stride():
+        errs.append(f"strides y {a['y'].stride()} vs {b['y'].stride()}, dx {a['dx'].stride()} vs {b['dx'].stride()}")
+    if a["nbt"] != b["nbt"]:
+        errs.append(f"num_batches_tracked {a['nbt']} != {b['nbt']}")
+    return errs
+
+
+def _input(shape, dtype, layout="contiguous", seed=0, loc=0.5, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * scale + loc
+    x = x + torch.linspace(-2, 2, shape[1], dtype=torch.float64).view(1, -1, *([1] * (len(shape) - 2)))
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    elif layout == "strided":  # neither contiguous nor channels_last: the kernels copy it first
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return x, grad
+
+
+CASES = [
+    ((6, 5), "contiguous"),
+    ((4, 5, 7), "contiguous"),
+    ((3, 5, 4, 6), "contiguous"),
+    ((3, 5, 4, 6), "channels_last"),
+    ((3, 5, 4, 6), "strided"),
+    ((2, 5, 2, 3, 4), "contiguous"),
+    ((2, 5, 2, 3, 4), "channels_last"),
+    ((2, 3, 75, 111), "contiguous"),  # rows of 8325 values: several summation blocks per row
+    ((600, 3, 2, 2), "channels_last"),  # 2400 rows of C: several row blocks in the channels-last reduction
+]
+
+
+@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{l}" for s, l in CASES])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernels_match_python_path(shape, layout, dtype):
+    x, g = _input(shape, dtype, layout)
+    layer = syncnorm.SyncBatchNorm(shape[1]).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+        layer.bias.copy_(torch.linspace(-1, 1, shape[1]))
+    fast, slow = _run(layer, x, g), _run(layer, x, g, python=True)
+    tol = (1e-10, 1e-11) if dtype == torch.float64 else (2e-5, 2e-5)
+    assert not _agree(fast, slow, *tol)
+    # and both against float64 nn.BatchNorm on the same input (two steps: running statistics accumulate)
+    ref = reference_bn(x.double(), g, layer.weight, layer.bias, steps=2)
+    for k in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+        assert compare(k, fast[k], ref[k], *tol) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_kernels_low_precision(dtype, layout):
+    x, g = _input((4, 6, 5, 5), dtype, layout)
+    layer = syncnorm.SyncBatchNorm(6)
+    fast, slow = _run(layer, x, g), _run(layer, x, g, python=True)
+    assert fast["y"].dtype == dtype and fast["dx"].dtype == dtype
+    assert fast["running_mean"].dtype == torch.float32
+    tol = 1e-2 if dtype == torch.float16 else 4e-2  # one rounding of the output to the input dtype
+    assert not _agree(fast, slow, tol, tol)
+    # statistics are taken in fp32 from the low-precision values
+    ref = reference_bn(x.double(), g, layer.weight, layer.bias, steps=2)
+    assert compare("running_var", fast["running_var"], ref["running_var"], 1e-5, 1e-6) is None
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+@pytest.mark.parametrize("affine", [True, False])
+def test_kernels_options(momentum, affine):
+    x, g = _input((5, 4, 3, 3), torch.float64)
+    layer = syncnorm.SyncBatchNorm(4, momentum=momentum, affine=affine).double()
+    fast, slow = _run(layer, x, g, steps=3), _run(layer, x, g, steps=3, python=True)
+    assert not _agree(fast, slow, 1e-10, 1e-11)
+    assert fast["nbt"] == 3
+
+
+@pytest.mark.parametrize("loc,scale", [(1e4, 1.0), (0.0, 1e-7 ** 0.5), (-3e5, 10.0)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_kernels_ill_conditioned_input(loc, scale, layout):
+    # large mean against the spread: the shifted second summation pass and the re-centred normalisation
+    x64, g = _input((6, 4, 7, 7), torch.float64, layout, loc=loc, scale=scale)
+    x = x64.float()
+    layer = syncnorm.SyncBatchNorm(4)
+    fast = _run(layer, x, g, steps=1)
+    ref = reference_bn(x.double(), g, layer.weight, layer.bias, steps=1)
+    assert compare("y", fast["y"], ref["y"], 1e-4, 1e-4) is None
+    assert compare("dx", fast["dx"], ref["dx"], 1e-3, 1e-3 * ref["dx"].abs().max().item()) is None
+    assert compare("running_var", fast["running_var"], ref["running_var"], 1e-4, 1e-10) is None
+    assert compare("running_mean", fast["running_mean"], ref["running_mean"], 1e-6, 1e-9) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernels_batch_renorm_match_python_path(dtype):
+    x, g = _input((6, 5, 4, 4), dtype, scale=3.0)
+    layer = syncnorm.BatchRenorm(5, r_max=1.5, d_max=0.5).to(dtype)
+    with torch.no_grad():  # running statistics far from the batch: both r and d clip in some channels
+        layer.running_mean.copy_(torch.linspace(-4, 4, 5))
+        layer.running_var.copy_(torch.linspace(0.1, 20, 5))
+        layer.weight.copy_(torch.linspace(0.5, 1.5, 5))
+    fast, slow = _run(layer, x, g, steps=1), _run(layer, x, g, steps=1, python=True)
+    tol = (1e-10, 1e-11) if dtype == torch.float64 else (2e-5, 2e-5)
+    assert not _agree(fast, slow, *tol)
+    info_f, info_s = fast["layer"].last_info, slow["layer"].last_info
+    assert compare("r", info_f.r, info_s.r, *tol) is None and compare("d", info_f.d, info_s.d, *tol) is None
+    clipped = fast["layer"].clip_fraction()
+    assert clipped == slow["layer"].clip_fraction() and 0.0 < clipped <= 1.0
+
+
+def test_kernels_channel_mismatch_still_raises():
+    layer = syncnorm.SyncBatchNorm(4)
+    with pytest.raises(ValueError, match="expected 4 channels"):
+        layer(torch.randn(2, 3, 2, 2))
+
+
+def test_unbuildable_extension_falls_back_with_one_warning(monkeypatch):
+    def broken(verbose=False):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(_ext, "_ops", None)
+    monkeypatch.setattr(_ext, "_failed", None)
+    monkeypatch.setattr(_ext, "build", broken)
+    x, g = _input((4, 3, 2, 2), torch.float64)
+    layer = syncnorm.SyncBatchNorm(3).double()
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        y = layer(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once
+        y2 = layer(x)
+    ref = reference_bn(x, g, layer.weight, layer.bias)
+    assert compare("y", y, ref["y"], 1e-10, 1e-11) is None and compare("y2", y2, ref["y"], 1e-10, 1e-11) is None
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("SYNCNORM_CPU_EXT", "0")
+    previous = _ext.set_enabled(None)  # re-read the environment
+    try:
+        assert _ext.ops() is None and _ext.ops_for(torch.zeros(1)) is None
+    finally:
+        _ext.set_enabled(previous)
+    assert _ext.ops() is not None
