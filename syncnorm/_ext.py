@@ -25,7 +25,9 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["ops", "ops_for", "enabled", "set_enabled", "build", "SOURCE"]
+from . import comm
+
+__all__ = ["ops", "ops_for", "enabled", "set_enabled", "build", "reducer_key", "SOURCE"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_cpu.cpp"
 
@@ -94,6 +96,7 @@ def build(verbose: bool = False) -> Any:
                             verbose=verbose)
             finally:
                 log.setLevel(level)
+            _ops.set_reducer(_reduce)
     return _ops
 
 
@@ -119,3 +122,22 @@ def ops_for(t: torch.Tensor) -> Optional[Any]:
     if _ops is not None and _enabled:  # the common case first: this runs several times per layer per step
         return _ops if t.is_cpu else None
     return ops() if t.is_cpu else None
+
+
+# The fused autograd node (fused_norm) does its backward all-reduce through this reducer, so that
+# syncnorm.comm.all_reduce_sum stays the one place collectives are issued. Process groups are passed to C++ as
+# integer keys; -1 means no collective (world size 1).
+_groups: dict[int, Any] = {}
+
+
+def reducer_key(group: Any) -> int:
+    """Key of ``group`` for the fused node's backward all-reduce; -1 when ``group`` has a single rank."""
+    if comm.get_world_size(group) == 1:
+        return -1
+    key = 0 if group is None else id(group) & 0x7FFFFFFFFFFFFFFF
+    _groups[key] = group  # also keeps the group alive, so its id is not reused
+    return key
+
+
+def _reduce(tensor: torch.Tensor, key: int) -> None:
+    comm.all_reduce_sum(tensor, _groups[key])

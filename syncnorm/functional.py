@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext, comm
-from .stats import Moments, accumulation_dtype, global_moments
+from .stats import Moments, _peer_error, accumulation_dtype, global_moments
 
 __all__ = [
     "NormInfo",
     "normalize",
+    "train_step",
     "update_running_stats",
     "sync_batch_norm",
     "batch_renorm",
@@ -133,52 +134,42 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
         extra_numel=spec.extra_numel, error=spec.error, layer_name=spec.layer_name, eps=spec.eps,
     )
     spec.extra = None  # ctx keeps spec until backward: do not keep the caller's payload alive with it
-    used = batch if spec.prior is None else spec.prior.merge(batch)
-    total = global_count + (0 if spec.prior is None else int(round(float(spec.prior.count))))
-    if total == 1:
-        raise ValueError(
-            f"{spec.layer_name}: expected more than 1 value per channel when training, got 1 value per channel "
-            f"across the whole process group (input size {tuple(x.shape)} on this rank)"
-        )
+    used, total = _with_prior(spec, batch, global_count, x)
     acc = accumulation_dtype(x.dtype)
     center_on = mean_to_std > _CENTER_ABOVE and x.numel() > 0
-    fast = _ext.ops_for(x) if total > 0 else None
-    bounds = spec.renorm if isinstance(spec.renorm, RenormBounds) and spec.prior is None else None
-    if fast is not None and (spec.renorm is None or bounds is not None):
-        # the CPU kernels (syncnorm/csrc/norm_cpu.cpp): one pass, y = ((x - c0) - m1) * scale + shift; the
-        # per-channel c0, m1 (mean = c0 + m1), invstd and w_eff come back in fp64 for the backward
-        y, c0, m1, invstd, w_eff, r, d = fast.forward_apply(
-            x, used.mean, used.m2, total, center_on, weight, bias, spec.eps,
-            None if bounds is None else bounds.running_mean, None if bounds is None else bounds.running_var,
-            1.0 if bounds is None else bounds.r_max, 0.0 if bounds is None else bounds.d_max)
-        if bounds is None:
-            r = d = None
-        else:
-            bounds.last = (r, d)
-        ctx.save_for_backward(x, weight, c0, m1, invstd, w_eff)
-        ctx.r, ctx.d = r, d
-        ctx.fast = True
-        if r is not None:
-            r, d = r.to(acc), d.to(acc)
+    mean, var, center, w_eff, b_eff, r, d = _prepare(weight, bias, spec, batch, used, global_count, total,
+                                                     center_on, acc)
+    if total == 0:
+        y = x.clone()  # empty on every rank: nothing to normalise
     else:
-        mean, var, center, w_eff, b_eff, r, d = _prepare(weight, bias, spec, batch, used, global_count, total,
-                                                         center_on, acc)
-        if total == 0:
-            y = x.clone()  # empty on every rank: nothing to normalise
-        else:
-            y = F.batch_norm(_centered(x, center, acc), mean, var, w_eff, b_eff, training=False, momentum=0.0,
-                             eps=spec.eps)
-            if y.dtype != x.dtype:
-                y = y.to(x.dtype)
-        ctx.save_for_backward(x, weight, mean, var, w_eff, center)
-        ctx.r, ctx.d = r, d
-        ctx.fast = False
+        y = F.batch_norm(_centered(x, center, acc), mean, var, w_eff, b_eff, training=False, momentum=0.0,
+                         eps=spec.eps)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+    ctx.save_for_backward(x, weight, mean, var, w_eff, center)
+    ctx.r, ctx.d = r, d
     spec.info = NormInfo(batch=batch, used=used, global_count=global_count, r=r, d=d, extra_sum=extra_sum,
                          local_count=x.numel() // max(x.shape[1], 1))
     ctx.spec = spec
     ctx.total = total
     ctx.in_dtype = x.dtype
     return y
+
+
+def _with_prior(spec: _Spec, batch: Moments, global_count: int, x: torch.Tensor) -> tuple[Moments, int]:
+    # the moments to normalise with (the batch, merged with the constant prior if any) and their count
+    used = batch if spec.prior is None else spec.prior.merge(batch)
+    total = global_count + (0 if spec.prior is None else int(round(float(spec.prior.count))))
+    if total == 1:
+        raise _one_value_error(spec.layer_name, x)
+    return used, total
+
+
+def _one_value_error(layer_name: str, x: torch.Tensor) -> ValueError:
+    return ValueError(
+        f"{layer_name}: expected more than 1 value per channel when training, got 1 value per channel "
+        f"across the whole process group (input size {tuple(x.shape)} on this rank)"
+    )
 
 
 def _prepare(weight, bias, spec: _Spec, batch: Moments, used: Moments, global_count: int, total: int,
@@ -209,8 +200,6 @@ def _prepare(weight, bias, spec: _Spec, batch: Moments, used: Moments, global_co
 
 
 def _backward(ctx, grad_out):
-    if ctx.fast:
-        return _backward_fast(ctx, grad_out)
     x, weight, mean, var, w_eff, center = ctx.saved_tensors
     spec: _Spec = ctx.spec
     acc = mean.dtype
@@ -251,30 +240,6 @@ def _backward(ctx, grad_out):
             dx = dx.contiguous(memory_format=_memory_format(x))
         else:
             dx = torch.zeros_like(x, dtype=ctx.in_dtype)
-    return (dx,) + _affine_grads(ctx, weight, sum_dy, sum_dy_xhat, acc) + (None,)
-
-
-def _backward_fast(ctx, grad_out):
-    # the CPU kernels: one pass for the local sums, the same one collective, one pass for dx
-    x, weight, c0, m1, invstd, w_eff = ctx.saved_tensors
-    spec: _Spec = ctx.spec
-    C = spec.num_features
-    acc = accumulation_dtype(x.dtype)
-    fast = _ext.ops()
-    need_dx = ctx.needs_input_grad[0]
-    if x.numel() > 0:
-        dy, sum_dy, sum_dy_xhat, packed = fast.backward_reduce(_cast(grad_out, x.dtype), x, c0, m1, invstd)
-    else:
-        dy = None
-        sum_dy = sum_dy_xhat = torch.zeros(C, dtype=torch.float64)
-        packed = torch.zeros(2 * C, dtype=acc)
-    dx = None
-    if need_dx:
-        comm.all_reduce_sum(packed, spec.process_group)  # [sum dy, sum dy * x_hat], 2C values of acc dtype
-        if x.numel() > 0:
-            dx = fast.backward_dx(dy, x, c0, m1, invstd, w_eff, packed, ctx.total)
-        else:
-            dx = torch.zeros_like(x)
     return (dx,) + _affine_grads(ctx, weight, sum_dy, sum_dy_xhat, acc) + (None,)
 
 
@@ -354,8 +319,90 @@ def normalize(
         error = ValueError(f"{layer_name}: expected {C} channels in dim 1, got {x.shape[1]}")
     device = weight.device if weight is not None else (x.device if isinstance(x, torch.Tensor) else None)
     spec = _Spec(C, eps, process_group, layer_name, prior, renorm, extra, extra_numel, error, device)
+    if error is None and isinstance(x, torch.Tensor) and (renorm is None or type(renorm) is RenormBounds):
+        fast = _ext.ops_for(x)
+        if fast is not None and (weight is None or weight.is_cpu):
+            return _normalize_cpu(fast, x, weight, bias, spec)
     y = _GlobalStatsNorm.apply(x, weight, bias, spec)
     return y, spec.info
+
+
+def _normalize_cpu(fast, x, weight, bias, spec: _Spec) -> tuple[torch.Tensor, NormInfo]:
+    # The CPU kernels (syncnorm/csrc/norm_cpu.cpp): the same statistics (global_moments takes the C++ local sums
+    # when there is no payload), then one C++ autograd node: forward y = ((x - c0) - m1) * scale + shift in one
+    # pass; backward one pass for the local sums, the same one all-reduce (through syncnorm.comm), one pass for dx.
+    with torch.no_grad():  # statistics and prior are constants here (as inside _GlobalStatsNorm.forward)
+        batch, global_count, extra_sum, mean_to_std = global_moments(
+            x, spec.num_features, spec.process_group, device=spec.device, extra=spec.extra,
+            extra_numel=spec.extra_numel, layer_name=spec.layer_name, eps=spec.eps,
+        )
+        used, total = _with_prior(spec, batch, global_count, x)
+    bounds: Optional[RenormBounds] = spec.renorm
+    y, r, d = fast.fused_norm(
+        x, weight, bias, used.mean, used.m2, total, mean_to_std > _CENTER_ABOVE and x.numel() > 0, spec.eps,
+        None if bounds is None else bounds.running_mean, None if bounds is None else bounds.running_var,
+        1.0 if bounds is None else bounds.r_max, 0.0 if bounds is None else bounds.d_max,
+        _ext.reducer_key(spec.process_group))
+    if bounds is None:
+        r = d = None
+    else:
+        bounds.last = (r, d)
+        acc = accumulation_dtype(x.dtype)
+        r, d = r.to(acc), d.to(acc)
+    info = NormInfo(batch=batch, used=used, global_count=global_count, r=r, d=d, extra_sum=extra_sum,
+                    local_count=x.numel() // max(x.shape[1], 1))
+    return y, info
+
+
+def train_step(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    *,
+    eps: float,
+    momentum: Optional[float],
+    num_features: Optional[int] = None,
+    process_group=None,
+    layer_name: str = "layer",
+    renorm: Optional["RenormBounds"] = None,
+    error: Optional[BaseException] = None,
+) -> tuple[torch.Tensor, NormInfo]:
+    """One training forward of a layer with no prior moments and no payload (SyncBatchNorm, BatchRenorm).
+
+    Exactly :func:`normalize` followed by :func:`update_running_stats` with the global batch moments (running
+    buffers None: no update). ``renorm``, if given, must be a :class:`RenormBounds`. On CPU with the C++ kernels
+    this is one call into C++ (statistics, the forward all-reduce through :mod:`syncnorm.comm`, the fused autograd
+    node and the update); elsewhere it is the two Python functions. Returns ``(y, info)``.
+    """
+    C = x.shape[1] if num_features is None and isinstance(x, torch.Tensor) and x.dim() >= 2 else num_features
+    fast = None
+    if error is None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == C:
+        fast = _ext.ops_for(x)
+    if fast is not None and (weight is None or weight.is_cpu):
+        status, y, n, mean, m2, count, flag, r, d = fast.train_step(
+            x, weight, bias, C, eps, _ext.reducer_key(process_group), running_mean, running_var, num_batches_tracked,
+            0.0 if momentum is None else float(momentum), momentum is None, renorm is not None,
+            1.0 if renorm is None else renorm.r_max, 0.0 if renorm is None else renorm.d_max)
+        if status == 1:
+            raise _peer_error(layer_name, flag)
+        if status == 2:
+            raise _one_value_error(layer_name, x)
+        batch = Moments(n, mean, m2)
+        if renorm is None:
+            r = d = None
+        else:
+            renorm.last = (r, d)
+            acc = accumulation_dtype(x.dtype)
+            r, d = r.to(acc), d.to(acc)
+        info = NormInfo(batch=batch, used=batch, global_count=count, r=r, d=d, local_count=x.numel() // C)
+        return y, info
+    y, info = normalize(x, weight, bias, eps=eps, num_features=num_features, process_group=process_group,
+                        layer_name=layer_name, renorm=renorm, error=error)
+    update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, info.global_count, momentum)
+    return y, info
 
 
 def update_running_stats(

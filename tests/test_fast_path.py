@@ -186,3 +186,23 @@ def test_disabled_by_environment(monkeypatch):
     finally:
         _ext.set_enabled(previous)
     assert _ext.ops() is not None
+
+
+@pytest.mark.parametrize("layer_type", ["SyncBatchNorm", "BatchRenorm", "CrossMiniBatchNorm", "CrossIterationBatchNorm"])
+def test_layer_state_holds_no_graph_after_training_step(layer_type):
+    # statistics computed outside an autograd node must not carry a graph into the layer's state (deepcopy,
+    # checkpointing and memory all depend on it)
+    kwargs = {"BatchRenorm": {"r_max": 2.0, "d_max": 1.0}, "CrossMiniBatchNorm": {"accumulation_steps": 2},
+              "CrossIterationBatchNorm": {"window": 2}}.get(layer_type, {})
+    conv = torch.nn.Conv2d(3, 4, 3)
+    norm = getattr(syncnorm, layer_type)(4, **kwargs)
+    if layer_type == "CrossIterationBatchNorm":
+        norm.attach(conv)
+    net = torch.nn.Sequential(conv, norm)
+    for _ in range(3):
+        net(torch.randn(2, 3, 6, 6, requires_grad=True)).square().sum().backward()
+    info = norm.last_info
+    for t in (*info.batch, *info.used, info.r, info.d):
+        assert t is None or (not t.requires_grad and t.grad_fn is None)
+    twin = copy.deepcopy(net)
+    torch.testing.assert_close(twin[1].running_mean, norm.running_mean)

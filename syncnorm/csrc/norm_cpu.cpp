@@ -42,6 +42,7 @@ namespace {
 
 constexpr int64_t kBlock = 4096;       // values per lane block before its total is added in double
 constexpr double kShiftAbove = 100.0;  // = stats._SHIFT_ABOVE
+constexpr double kCenterAbove = 64.0;  // = functional._CENTER_ABOVE
 
 enum class Layout { kChannelsFirst, kChannelsLast };
 
@@ -543,7 +544,131 @@ Tensor backward_dx(const Tensor& dy, const Tensor& x_in, const Tensor& c0, const
   return dx;
 }
 
+// ---------------------------------------------------------------------------------------------- autograd node
+//
+// fused_norm is one C++ autograd node for the normalisation: forward = forward_apply, backward = backward_reduce,
+// the backward all-reduce through the Python reducer (syncnorm._ext._reduce, so syncnorm.comm stays the only
+// caller of torch.distributed), then backward_dx and the local weight/bias gradients. The statistics are computed
+// before it (local_pack, the forward all-reduce, finish) and enter as constants: the backward formula already
+// contains their dependence on x.
+
+namespace {
+
+py::object* g_reducer = nullptr;  // never destroyed: it must outlive the interpreter's teardown
+
+// Every Tensor argument of an autograd node must be defined: an absent weight or bias travels as an empty tensor.
+Tensor or_empty(const c10::optional<Tensor>& t, const Tensor& like) {
+  return t.has_value() && t->defined() ? *t : at::empty({0}, like.options());
+}
+c10::optional<Tensor> nonempty_or_none(const Tensor& t) {
+  return t.numel() ? c10::optional<Tensor>(t) : c10::nullopt;
+}
+
+struct FusedNorm : public torch::autograd::Function<FusedNorm> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, Tensor x, Tensor weight,
+                                                Tensor bias, Tensor mean64, Tensor m2_64, int64_t total,
+                                                bool center, double eps, c10::optional<Tensor> running_mean,
+                                                c10::optional<Tensor> running_var, double r_max, double d_max,
+                                                int64_t reducer) {
+    auto [y, c0, m1, invstd, w_eff, r, d] =
+        forward_apply(x, mean64, m2_64, total, center, nonempty_or_none(weight), nonempty_or_none(bias), eps,
+                      running_mean, running_var, r_max, d_max);
+    ctx->save_for_backward({x, c0, m1, invstd, w_eff, r, d});
+    ctx->saved_data["total"] = total;
+    ctx->saved_data["reducer"] = reducer;
+    ctx->saved_data["w_dtype"] = weight.numel() ? static_cast<int64_t>(weight.scalar_type()) : int64_t(-1);
+    ctx->saved_data["b_dtype"] = bias.numel() ? static_cast<int64_t>(bias.scalar_type()) : int64_t(-1);
+    ctx->mark_non_differentiable({r, d});
+    return {y, r, d};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &c0 = saved[1], &m1 = saved[2], &invstd = saved[3], &w_eff = saved[4];
+    const Tensor &r = saved[5], &d = saved[6];
+    const int64_t total = ctx->saved_data["total"].toInt();
+    const int64_t reducer = ctx->saved_data["reducer"].toInt();
+    const int64_t w_dtype = ctx->saved_data["w_dtype"].toInt();
+    const int64_t C = c0.numel();
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    Tensor dy, sum_dy, sum_dy_xhat, packed;
+    if (x.numel() > 0) {
+      Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(x);
+      std::tie(dy, sum_dy, sum_dy_xhat, packed) = backward_reduce(g.scalar_type() == x.scalar_type() ? g : g.to(x.scalar_type()), x, c0, m1, invstd);
+    } else {
+      sum_dy = at::zeros({C}, c0.options());
+      sum_dy_xhat = at::zeros({C}, c0.options());
+      packed = at::zeros({2 * C}, c0.options().dtype(acc));
+    }
+    Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      if (reducer >= 0) {  // the one backward collective: [sum dy, sum dy * x_hat], 2C values of acc dtype
+        py::gil_scoped_acquire gil;
+        TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
+        (*g_reducer)(packed, reducer);
+      }
+      dx = x.numel() > 0 ? backward_dx(dy, x, c0, m1, invstd, w_eff, packed, total) : at::zeros_like(x);
+    }
+    const int64_t b_dtype = ctx->saved_data["b_dtype"].toInt();
+    Tensor dw, db;
+    if (w_dtype >= 0 && ctx->needs_input_grad(1))
+      dw = (r.numel() ? sum_dy_xhat * r + sum_dy * d : sum_dy_xhat).to(static_cast<at::ScalarType>(w_dtype));
+    if (b_dtype >= 0 && ctx->needs_input_grad(2)) db = sum_dy.to(static_cast<at::ScalarType>(b_dtype));
+    return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tensor>& weight,
+                                              const c10::optional<Tensor>& bias, const Tensor& mean64,
+                                              const Tensor& m2_64, int64_t total, bool center, double eps,
+                                              const c10::optional<Tensor>& running_mean,
+                                              const c10::optional<Tensor>& running_var, double r_max, double d_max,
+                                              int64_t reducer) {
+  auto out = FusedNorm::apply(x, or_empty(weight, mean64), or_empty(bias, mean64), mean64, m2_64, total, center,
+                              eps, running_mean, running_var, r_max, d_max, reducer);
+  return {out[0], out[1], out[2]};
+}
+
+// One training forward of a layer without prior moments or payload (SyncBatchNorm, BatchRenorm), in one call:
+// local_pack, the forward all-reduce through the Python reducer (reducer < 0: none), finish, then, unless a peer
+// flagged an error (status 1) or the group holds exactly one value per channel (status 2), the fused_norm node and
+// the running-statistics update (when running_mean is given and the global count is not 0).
+// Returns (status, y, n, mean, m2, count, flag, r, d); y, r, d are undefined when status != 0.
+std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor> train_step(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t num_features,
+    double eps, int64_t reducer, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked, double momentum,
+    bool cumulative, bool renorm, double r_max, double d_max) {
+  Tensor buf = local_pack(x, num_features);
+  if (reducer >= 0) {
+    TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
+    (*g_reducer)(buf, reducer);
+  }
+  auto [n, mean, m2, count_d, flag, ratio] = finish(buf, num_features, eps);
+  const int64_t count = static_cast<int64_t>(std::llround(count_d));
+  if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor()};
+  if (count == 1) return {2, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor()};
+  auto [y, r, d] = fused_norm(x, weight, bias, mean, m2, count, ratio > kCenterAbove && x.numel() > 0, eps,
+                              renorm ? running_mean : c10::nullopt, renorm ? running_var : c10::nullopt, r_max,
+                              d_max, reducer);
+  if (running_mean.has_value() && running_mean->defined() && count > 0)
+    update_running(*running_mean, *running_var, num_batches_tracked, mean, m2, count, momentum, cumulative);
+  return {0, y, n, mean, m2, count, flag, r, d};
+}
+
+void set_reducer(py::object fn) {
+  if (g_reducer == nullptr) g_reducer = new py::object();
+  *g_reducer = std::move(fn);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_norm", &fused_norm);
+  m.def("train_step", &train_step);
+  m.def("set_reducer", &set_reducer);
   m.doc() = "syncnorm CPU kernels (see syncnorm/csrc/norm_cpu.cpp)";
   m.def("local_pack", &local_pack);
   m.def("finish", &finish);

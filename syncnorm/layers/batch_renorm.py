@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..functional import NormInfo, RenormBounds, normalize
+from ..functional import NormInfo, RenormBounds, train_step
 from ..stats import accumulation_dtype
 from .sync_batchnorm import GlobalStatsBatchNorm
 
@@ -144,16 +144,16 @@ class BatchRenorm(GlobalStatsBatchNorm):
 
     # ------------------------------------------------------------------ forward
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
-        # r and d read the running statistics before _update_running below changes them in place
+        # r and d read the running statistics before train_step's update changes them in place
         eps, r_max, d_max = self.eps, self._r_max, self._d_max
         # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so skip the O(C) renorm arithmetic
         # (the warm-up of a schedule costs exactly SyncBatchNorm)
         plain = r_max == 1.0 and d_max == 0.0
         bounds = None if plain else RenormBounds(self.running_mean, self.running_var, eps, r_max, d_max)
-        y, info = normalize(
-            input, self.weight, self.bias, eps=eps, num_features=self.num_features,
-            process_group=self.process_group, layer_name=self.layer_name, renorm=bounds,
-            error=self._input_error(input),
+        y, info = train_step(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            eps=eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
+            layer_name=self.layer_name, renorm=bounds, error=self._input_error(input),
         )
         if plain:
             ones = torch.ones_like(info.batch.mean)
@@ -162,9 +162,8 @@ class BatchRenorm(GlobalStatsBatchNorm):
             info.r, info.d = factors[0].to(acc), factors[1].to(acc)
         else:
             factors = bounds.last
-        self._update_running(info)
         self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
-        self._clip_state = (factors[0], factors[1], r_max, d_max)
+        self.__dict__["_clip_state"] = (factors[0], factors[1], r_max, d_max)
         return y
 
     def clip_fraction(self) -> float:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import comm
-from ..functional import NormInfo, check_input, normalize, update_running_stats
+from ..functional import NormInfo, check_input, train_step, update_running_stats
 
 __all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm", "NamedLayer"]
 
@@ -22,8 +22,13 @@ class NamedLayer:
     @property
     def layer_name(self) -> str:
         """Name used in error messages: the qualified name if known, else ``ClassName(num_features)``."""
-        base = f"{type(self).__name__}({self.num_features})"
-        return f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base
+        key = (self._syncnorm_name, self.num_features)
+        cached = self.__dict__.get("_layer_name_cache")
+        if cached is None or cached[0] != key:  # built once: every training forward passes it along
+            base = f"{type(self).__name__}({self.num_features})"
+            cached = (key, f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base)
+            self.__dict__["_layer_name_cache"] = cached
+        return cached[1]
 
     def set_layer_name(self, name: str) -> None:
         """Record the qualified name of this layer in its model, for error messages."""
@@ -160,10 +165,11 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
     """
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
-        y, info = normalize(
-            input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
-            process_group=self.process_group, layer_name=self.layer_name, error=self._input_error(input),
+        name = self.layer_name
+        y, info = train_step(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            eps=self.eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
+            layer_name=name, error=check_input(input, self.num_features, name, self._min_dim, self._max_dim),
         )
-        self._update_running(info)
         self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
         return y
