@@ -1,0 +1,94 @@
+"""syncnorm.comm's same-host shared-memory all-reduce against gloo, in one spawned world per size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from syncnorm import _ext, comm
+from tests.dist.harness import RankFailure, run_distributed
+
+pytestmark = pytest.mark.skipif(_ext.ops() is None, reason="the C++ CPU kernels are unavailable here")
+
+
+def _vector(n: int, dtype, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    return (torch.randn(n, generator=g, dtype=torch.float64) * 10 ** (seed % 5)).to(dtype)
+
+
+def _transport_checks(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    out: dict = {}
+    channel = comm._same_host_channel(None)
+    out["channel"] = channel is not None
+    sizes = [1, 7, 514, 4099, comm.SHM_SLOT_BYTES // 8, comm.SHM_SLOT_BYTES // 8 + 1]  # the last one: gloo
+    errs = []
+    # many rounds back to back: both banks are reused, sizes and dtypes change between rounds
+    for seed in range(40):
+        for dtype in (torch.float64, torch.float32):
+            n = sizes[seed % len(sizes)]
+            mine = _vector(n, dtype, rank, seed)
+            got = comm.all_reduce_sum(mine.clone())
+            exact = sum(_vector(n, torch.float64, r, seed).to(dtype).double() for r in range(world))
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            if not torch.allclose(got.double(), exact, rtol=tol, atol=tol * 10 ** (seed % 5)):
+                errs.append(f"round {seed} {dtype} n={n}: wrong sum")
+            # identical bits on every rank
+            gathered = [torch.empty_like(got) for _ in range(world)]
+            dist.all_gather(gathered, got)
+            if not all(torch.equal(g, gathered[0]) for g in gathered):
+                errs.append(f"round {seed} {dtype} n={n}: ranks disagree")
+    out["errors"] = errs
+    # a subgroup of the first two ranks gets its own channel and sums only within itself
+    sub = comm.new_groups(2) if world % 2 == 0 else None
+    if sub is not None:
+        v = torch.full((5,), float(rank + 1), dtype=torch.float64)
+        comm.all_reduce_sum(v, sub)
+        lo = (rank // 2) * 2
+        out["subgroup_ok"] = bool(torch.all(v == float(lo + 1 + lo + 2)))
+        out["subgroup_channel"] = comm._same_host_channel(sub) is not None
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shared_memory_all_reduce_matches_exact_sum(world):
+    results = run_distributed(_transport_checks, world, timeout=240)
+    for r in results:
+        assert r["channel"], "the ranks of a same-host gloo world should share memory"
+        assert not r["errors"], r["errors"]
+        if "subgroup_ok" in r:
+            assert r["subgroup_ok"] and r["subgroup_channel"]
+
+
+def _disabled_check(rank: int, world: int) -> dict:
+    v = torch.ones(3, dtype=torch.float64)
+    comm.all_reduce_sum(v)
+    return {"channel": comm._same_host_channel(None) is not None, "sum": v.tolist()}
+
+
+def test_shared_memory_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("SYNCNORM_SHM", "0")  # inherited by the spawned ranks
+    for r in run_distributed(_disabled_check, 2, timeout=120):
+        assert not r["channel"] and r["sum"] == [2.0, 2.0, 2.0]
+
+
+def _missing_peer(rank: int, world: int) -> dict:
+    comm.all_reduce_sum(torch.ones(4, dtype=torch.float64))  # both ranks: sets the channel up
+    if rank == 1:
+        return {"skipped": True}  # rank 1 never joins the next one
+    comm.all_reduce_sum(torch.ones(4, dtype=torch.float64))
+    return {"skipped": False}
+
+
+def test_missing_peer_raises_instead_of_hanging(monkeypatch):
+    monkeypatch.setenv("SYNCNORM_SHM_TIMEOUT", "3")
+    with pytest.raises(RankFailure, match="did not reach the shared-memory all-reduce"):
+        run_distributed(_missing_peer, 2, timeout=120)
+
+
+def test_no_collective_and_no_channel_without_distributed():
+    before = dict(comm._channels)
+    t = torch.ones(2)
+    assert comm.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0]
+    assert comm._channels == before
