@@ -8,8 +8,10 @@ Prints three tables (medians over interleaved repeats, one thread per rank):
 
 1. world 1: SyncBatchNorm (its whole synchronising path runs; the all-reduce is a no-op at world 1) and the
    naive autograd design against nn.BatchNorm2d;
-2. world 2 (gloo, CPU): the same, collectives included, plus SyncBatchNorm with the collective skipped; a barrier
-   before and after each sample aligns the ranks (its own cost is outside the timed region);
+2. world 2 (gloo, CPU): the same, collectives included, plus SyncBatchNorm with the collective skipped and
+   SyncBatchNorm with its vectors sent through gloo instead of the same-host shared-memory channel
+   (``SYNCNORM_SHM=0``); a barrier before and after each sample aligns the ranks (its own cost is outside the
+   timed region);
 3. bytes each rank sends per layer for W = 2..1024: syncnorm's one all-reduce per direction against torch's
    all_gather design (computed from the algorithms; the payload sizes are the ones the collective ledger records).
 
@@ -81,6 +83,19 @@ def _candidates(shape, skip_collective: bool = False):
                 syncnorm.comm.all_reduce_sum = orig
 
         cands["SyncBatchNorm, collective skipped"] = no_collective
+
+        gbn = syncnorm.SyncBatchNorm(C)
+        gfn = fwd_bwd(gbn, x, g)
+
+        def gloo_transport():
+            orig = syncnorm.comm._same_host_channel
+            syncnorm.comm._same_host_channel = lambda group: None
+            try:
+                gfn()
+            finally:
+                syncnorm.comm._same_host_channel = orig
+
+        cands["SyncBatchNorm, gloo transport"] = gloo_transport
     return cands
 
 
@@ -99,8 +114,12 @@ def _world_worker(rank: int, world: int, repeats: int) -> dict:
     out["torch.nn.SyncBatchNorm"] = torch_syncbn_on_cpu()
     # the floor set by the backend: one bare all-reduce of a forward-sized vector (C = 256), barrier-aligned
     vec = torch.zeros(2 * 256 + 2, dtype=torch.float64)
-    out["all_reduce_ms"] = time_interleaved({"all_reduce": lambda: syncnorm.comm.all_reduce_sum(vec)},
-                                            repeats=repeats * 5, sync=syncnorm.comm.barrier)["all_reduce"]
+    import torch.distributed as dist
+
+    out["all_reduce_ms"] = time_interleaved(
+        {"shared memory": lambda: syncnorm.comm.all_reduce_sum(vec), "gloo": lambda: dist.all_reduce(vec)},
+        repeats=repeats * 5, sync=syncnorm.comm.barrier)
+    out["transport"] = "shared memory" if syncnorm.comm._same_host_channel(None) is not None else "gloo"
     return out
 
 
@@ -157,9 +176,11 @@ def main(argv=None) -> None:
 
         res = run_distributed(_world_worker, 2, args.repeats, timeout=900)
         print(f"\ntorch.nn.SyncBatchNorm in a 2-rank gloo world: {res[0]['torch.nn.SyncBatchNorm']}")
-        print(f"one bare gloo all_reduce of 514 fp64 values (the backend's latency floor; the layer issues two per "
-              f"forward+backward): {res[0]['all_reduce_ms']:.2f} ms (rank 1: {res[1]['all_reduce_ms']:.2f} ms)")
-        names2 = names + ["SyncBatchNorm, collective skipped"]
+        lat0, lat1 = res[0]["all_reduce_ms"], res[1]["all_reduce_ms"]
+        print(f"syncnorm's transport for the statistics vectors in this world: {res[0]['transport']}")
+        print("one bare all_reduce of 514 fp64 values (the latency floor; the layer issues two per forward+backward): "
+              + ", ".join(f"{k} {lat0[k]:.3f} ms (rank 1: {lat1[k]:.3f} ms)" for k in lat0))
+        names2 = names + ["SyncBatchNorm, collective skipped", "SyncBatchNorm, gloo transport"]
         print("\n## World 2 (gloo, CPU, 1 thread/rank): forward+backward, ratio to nn.BatchNorm2d on the same local "
               "shape, collectives included (rank 0; rank 1 in parentheses)\n")
         rows = []

@@ -42,7 +42,8 @@ class NormInfo:
         batch: global moments of this step's batch over the process group.
         used: moments the output was normalised with (``batch`` merged with the prior, if any).
         global_count: number of values per channel in ``batch`` (a Python int, identical on every rank).
-        r, d: the Batch-Renorm factors applied (None without renorm).
+        r, d: the Batch-Renorm factors applied, in fp64 (None without renorm). The Python path computes them in
+            the accumulation dtype (their fp64 copies here are exact), the CPU kernels in fp64.
         extra_sum: the caller's payload summed over ranks in the forward collective, or None.
     """
 
@@ -148,8 +149,9 @@ def _forward(ctx, x, weight, bias, spec: _Spec):
             y = y.to(x.dtype)
     ctx.save_for_backward(x, weight, mean, var, w_eff, center)
     ctx.r, ctx.d = r, d
-    spec.info = NormInfo(batch=batch, used=used, global_count=global_count, r=r, d=d, extra_sum=extra_sum,
-                         local_count=x.numel() // max(x.shape[1], 1))
+    spec.info = NormInfo(batch=batch, used=used, global_count=global_count,
+                         r=None if r is None else r.double(), d=None if d is None else d.double(),
+                         extra_sum=extra_sum, local_count=x.numel() // max(x.shape[1], 1))
     ctx.spec = spec
     ctx.total = total
     ctx.in_dtype = x.dtype
@@ -338,17 +340,15 @@ def _normalize_cpu(fast, x, weight, bias, spec: _Spec) -> tuple[torch.Tensor, No
         )
         used, total = _with_prior(spec, batch, global_count, x)
     bounds: Optional[RenormBounds] = spec.renorm
-    y, r, d = fast.fused_norm(
+    y, params = fast.fused_norm(
         x, weight, bias, used.mean, used.m2, total, mean_to_std > _CENTER_ABOVE and x.numel() > 0, spec.eps,
         None if bounds is None else bounds.running_mean, None if bounds is None else bounds.running_var,
         1.0 if bounds is None else bounds.r_max, 0.0 if bounds is None else bounds.d_max,
         _ext.reducer_key(spec.process_group))
-    if bounds is None:
-        r = d = None
-    else:
+    r = d = None
+    if bounds is not None:  # rows 4 and 5 of the node's fp64 parameters [c0, m1, invstd, w_eff, r, d]
+        r, d = params[4], params[5]
         bounds.last = (r, d)
-        acc = accumulation_dtype(x.dtype)
-        r, d = r.to(acc), d.to(acc)
     info = NormInfo(batch=batch, used=used, global_count=global_count, r=r, d=d, extra_sum=extra_sum,
                     local_count=x.numel() // max(x.shape[1], 1))
     return y, info
@@ -391,12 +391,8 @@ def train_step(
         if status == 2:
             raise _one_value_error(layer_name, x)
         batch = Moments(n, mean, m2)
-        if renorm is None:
-            r = d = None
-        else:
+        if renorm is not None:
             renorm.last = (r, d)
-            acc = accumulation_dtype(x.dtype)
-            r, d = r.to(acc), d.to(acc)
         info = NormInfo(batch=batch, used=batch, global_count=count, r=r, d=d, local_count=x.numel() // C)
         return y, info
     y, info = normalize(x, weight, bias, eps=eps, num_features=num_features, process_group=process_group,

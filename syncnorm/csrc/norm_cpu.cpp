@@ -311,9 +311,11 @@ std::tuple<Tensor, Tensor, Tensor, double, double, double> finish(const Tensor& 
 //   r = clip(sqrt(var + eps) / sqrt(running_var + eps), 1/r_max, r_max),
 //   d = clip((mean - running_mean) / sqrt(running_var + eps), -d_max, d_max),
 //   scale = w * r * invstd, shift = b + w * d   (w = 1, b = 0 when absent),
-// else scale = w * invstd, shift = b. Returns y (x's dtype and memory format) and fp64 per-channel
-// (c0, m1, invstd, w_eff = scale / invstd, r, d); r, d are empty without renorm.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_apply(
+// else r = 1, d = 0. Returns y (x's dtype and memory format) and the fp64 (6, C) per-channel parameters
+// [c0, m1, invstd, w_eff = w * r, r, d] the backward needs.
+enum Param : int64_t { kC0 = 0, kM1, kInvstd, kWeff, kR, kD, kParams };
+
+std::tuple<Tensor, Tensor> forward_apply(
     const Tensor& x_in, const Tensor& mean64, const Tensor& m2_64, int64_t total, bool center,
     const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, double eps,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var, double r_max,
@@ -321,19 +323,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_apply
   const int64_t C = mean64.numel();
   const bool renorm = running_mean.has_value();
   const bool fp64 = x_in.scalar_type() == at::kDouble;
-  Tensor c0 = f64(C, mean64), m1 = f64(C, mean64), invstd = f64(C, mean64), w_eff = f64(C, mean64);
-  Tensor r = renorm ? f64(C, mean64) : at::empty({0}, mean64.options());
-  Tensor d = renorm ? f64(C, mean64) : at::empty({0}, mean64.options());
+  Tensor params = at::empty({kParams, C}, mean64.options());
+  double* pp = params.data_ptr<double>();
   const std::vector<double> wd = as_doubles(weight, C), bd = as_doubles(bias, C);
   const std::vector<double> rmd = as_doubles(running_mean, C), rvd = as_doubles(running_var, C);
   std::vector<double> scale(C), shift(C);
   const double* pmean = mean64.const_data_ptr<double>();
   const double* pm2 = m2_64.const_data_ptr<double>();
   const double denom = static_cast<double>(std::max<int64_t>(total, 1));
-  double* pc0 = c0.data_ptr<double>();
-  double* pm1 = m1.data_ptr<double>();
-  double* pinv = invstd.data_ptr<double>();
-  double* pw = w_eff.data_ptr<double>();
+  double* pc0 = pp + kC0 * C;
   for (int64_t c = 0; c < C; ++c) {
     // the statistics as the Python path normalises with them: rounded to the accumulation type
     const double mean = pmean[c];
@@ -343,27 +341,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_apply
     const double inv = 1.0 / std::sqrt(var + eps);
     const double w = wd.empty() ? 1.0 : wd[c];
     const double b = bd.empty() ? 0.0 : bd[c];
-    double we = w, sh = b;
+    double rc = 1.0, dc = 0.0;
     if (renorm) {
       const double inv_sigma = 1.0 / std::sqrt(rvd[c] + eps);
-      const double rc = std::clamp(std::sqrt(var + eps) * inv_sigma, 1.0 / r_max, r_max);
-      const double dc = std::clamp((k + m - rmd[c]) * inv_sigma, -d_max, d_max);
-      r.data_ptr<double>()[c] = rc;
-      d.data_ptr<double>()[c] = dc;
-      we = w * rc;
-      sh = b + w * dc;
+      rc = std::clamp(std::sqrt(var + eps) * inv_sigma, 1.0 / r_max, r_max);
+      dc = std::clamp((k + m - rmd[c]) * inv_sigma, -d_max, d_max);
     }
-    pc0[c] = k;
-    pm1[c] = m;
-    pinv[c] = inv;
-    pw[c] = we;
+    const double we = renorm ? w * rc : w, sh = renorm ? b + w * dc : b;
+    pp[kC0 * C + c] = k;
+    pp[kM1 * C + c] = m;
+    pp[kInvstd * C + c] = inv;
+    pp[kWeff * C + c] = we;
+    pp[kR * C + c] = rc;
+    pp[kD * C + c] = dc;
     scale[c] = we * inv;
     shift[c] = sh - m * scale[c];  // y = (x - c0) * scale + shift
   }
   const Tensor x = supported(x_in);
   const Geometry g = geometry(x);
   Tensor y = at::empty_like(x, memory_format(x));
-  if (x.numel() == 0) return {y, c0, m1, invstd, w_eff, r, d};
+  if (x.numel() == 0) return {y, params};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_forward_apply", [&] {
     using A = at::opmath_type<scalar_t>;
     const scalar_t* p = x.const_data_ptr<scalar_t>();
@@ -396,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> forward_apply
       });
     }
   });
-  return {y, c0, m1, invstd, w_eff, r, d};
+  return {y, params};
 }
 
 // = functional.update_running_stats, in place (the caller skips a global count of 0): running_mean and
@@ -437,115 +434,133 @@ void update_running(const Tensor& running_mean, const Tensor& running_var,
   running_var.unsafeGetTensorImpl()->bump_version();
 }
 
-// Backward up to the collective: the local sum dy and sum dy * x_hat (x_hat = (x - mean) * invstd) per channel
-// in fp64, and both packed as [sum dy, sum dy * x_hat] in the accumulation dtype (fp32, or fp64 for fp64 input:
-// the backward all-reduce moves 2C values of it, as on the Python path). Returns (dy in x's layout, sum_dy,
-// sum_dy_xhat, packed).
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward_reduce(const Tensor& grad_out, const Tensor& x_in,
-                                                           const Tensor& c0, const Tensor& m1,
-                                                           const Tensor& invstd) {
+// The backward of the normalisation, given the forward's parameters (see forward_apply):
+//   1. local sums per channel, in fp64: sum dy and sum dy * x_hat, x_hat = ((x - c0) - m1) * invstd;
+//   2. the collective: [sum dy, sum dy * x_hat] packed in the accumulation dtype (fp32, or fp64 for fp64 input;
+//      2C values, as on the Python path) and summed over the group by `reduce` (skipped when it is empty);
+//   3. dx = scale * (dy - g_dy / total - x_hat * g_dy_xhat / total), scale = w_eff * invstd (when needs_dx);
+//   4. the local weight and bias gradients sum dy * x_hat * r + sum dy * d and sum dy, in their dtypes.
+// Returns (dx, dw, db), undefined where not needed.
+template <typename Reduce>
+std::tuple<Tensor, Tensor, Tensor> backward_all(const Tensor& grad_out, const Tensor& x_in, const Tensor& params,
+                                                int64_t total, bool needs_dx, int64_t w_dtype, int64_t b_dtype,
+                                                const Reduce& reduce) {
   const Tensor x = supported(x_in);
-  const Tensor dy = grad_out.contiguous(memory_format(x));
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "backward_reduce: grad dtype differs from the input dtype");
-  const Geometry g = geometry(x);
-  const int64_t C = g.C;
-  Tensor sums = at::zeros({2 * C}, c0.options());
-  double* s1 = sums.data_ptr<double>();
-  double* s2 = s1 + C;
-  const double* pc0 = c0.const_data_ptr<double>();
-  const double* pm1 = m1.const_data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_backward_reduce", [&] {
-    using A = at::opmath_type<scalar_t>;
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const scalar_t* pg = dy.const_data_ptr<scalar_t>();
-    const int64_t N = g.N, S = g.S;
-    if (g.layout == Layout::kChannelsFirst) {
-      at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t c = b; c < e; ++c) {
-          const A k = static_cast<A>(pc0[c]), m = static_cast<A>(pm1[c]);
-          for (int64_t n = 0; n < N; ++n) {
-            const int64_t off = (n * C + c) * S;
-            dot_run<scalar_t, A>(pg + off, px + off, S, k, m, s1[c], s2[c]);
-          }
-        }
-      });
-    } else {
-      std::vector<A> k(C), m(C);
-      for (int64_t c = 0; c < C; ++c) {
-        k[c] = static_cast<A>(pc0[c]);
-        m[c] = static_cast<A>(pm1[c]);
-      }
-      channels_last_reduce<A>(N * S, C, s1, s2, [&](int64_t r, A* a, A* b) {
-        const scalar_t* xr = px + r * C;
-        const scalar_t* gr = pg + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const A gv = static_cast<A>(gr[c]);
-          a[c] += gv;
-          b[c] += gv * ((static_cast<A>(xr[c]) - k[c]) - m[c]);
-        }
-      });
-    }
-  });
-  const double* pinv = invstd.const_data_ptr<double>();
-  for (int64_t c = 0; c < C; ++c) s2[c] *= pinv[c];
+  const int64_t C = params.size(1);
+  const double* pp = params.const_data_ptr<double>();
+  const double *pc0 = pp + kC0 * C, *pm1 = pp + kM1 * C, *pinv = pp + kInvstd * C, *pw = pp + kWeff * C;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return {dy, sums.narrow(0, 0, C), sums.narrow(0, C, C), sums.to(acc, /*non_blocking=*/false, /*copy=*/true)};
-}
-
-// dx = scale * (dy - g_dy / total - x_hat * g_dy_xhat / total) with the global sums packed = [g_dy, g_dy_xhat],
-// scale = w_eff * invstd; in x's dtype and memory format.
-Tensor backward_dx(const Tensor& dy, const Tensor& x_in, const Tensor& c0, const Tensor& m1, const Tensor& invstd,
-                   const Tensor& w_eff, const Tensor& packed, int64_t total) {
-  const Tensor x = supported(x_in);
+  std::vector<double> sums(2 * C, 0.0);
+  double* s1 = sums.data();
+  double* s2 = s1 + C;
+  Tensor dy;
   const Geometry g = geometry(x);
-  const int64_t C = g.C;
-  const Tensor packed64 = packed.to(at::kDouble).contiguous();
-  const double* pg = packed64.const_data_ptr<double>();
-  const double* pinv = invstd.const_data_ptr<double>();
-  const double* pw = w_eff.const_data_ptr<double>();
-  const double* pc0 = c0.const_data_ptr<double>();
-  const double* pm1 = m1.const_data_ptr<double>();
-  const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(total, 1));
-  Tensor dx = at::empty_like(x, memory_format(x));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_backward_dx", [&] {
-    using A = at::opmath_type<scalar_t>;
-    // dx = dy * a1 + ((x - c0) - m1) * a2 + a3
-    std::vector<A> a1(C), a2(C), a3(C), k(C), m(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const double scale = pw[c] * pinv[c];
-      a1[c] = static_cast<A>(scale);
-      a2[c] = static_cast<A>(-scale * pinv[c] * pg[C + c] * inv_n);
-      a3[c] = static_cast<A>(-scale * pg[c] * inv_n);
-      k[c] = static_cast<A>(pc0[c]);
-      m[c] = static_cast<A>(pm1[c]);
-    }
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-    scalar_t* q = dx.data_ptr<scalar_t>();
-    const int64_t N = g.N, S = g.S;
-    if (g.layout == Layout::kChannelsFirst) {
-      at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t row = b; row < e; ++row) {
-          const int64_t c = row % C;
-          const A b1 = a1[c], b2 = a2[c], b3 = a3[c], kc = k[c], mc = m[c];
-          const int64_t off = row * S;
-          for (int64_t i = 0; i < S; ++i)
-            q[off + i] = static_cast<scalar_t>(static_cast<A>(pdy[off + i]) * b1 +
-                                               ((static_cast<A>(px[off + i]) - kc) - mc) * b2 + b3);
+  if (x.numel() > 0) {
+    const Tensor grad = grad_out.defined() ? grad_out : at::zeros_like(x);
+    dy = (grad.scalar_type() == x.scalar_type() ? grad : grad.to(x.scalar_type())).contiguous(memory_format(x));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_backward_reduce", [&] {
+      using A = at::opmath_type<scalar_t>;
+      const scalar_t* px = x.const_data_ptr<scalar_t>();
+      const scalar_t* pg = dy.const_data_ptr<scalar_t>();
+      const int64_t N = g.N, S = g.S;
+      if (g.layout == Layout::kChannelsFirst) {
+        at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t b, int64_t e) {
+          for (int64_t c = b; c < e; ++c) {
+            const A k = static_cast<A>(pc0[c]), m = static_cast<A>(pm1[c]);
+            for (int64_t n = 0; n < N; ++n) {
+              const int64_t off = (n * C + c) * S;
+              dot_run<scalar_t, A>(pg + off, px + off, S, k, m, s1[c], s2[c]);
+            }
+          }
+        });
+      } else {
+        std::vector<A> k(C), m(C);
+        for (int64_t c = 0; c < C; ++c) {
+          k[c] = static_cast<A>(pc0[c]);
+          m[c] = static_cast<A>(pm1[c]);
+        }
+        channels_last_reduce<A>(N * S, C, s1, s2, [&](int64_t r, A* a, A* b) {
+          const scalar_t* xr = px + r * C;
+          const scalar_t* gr = pg + r * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const A gv = static_cast<A>(gr[c]);
+            a[c] += gv;
+            b[c] += gv * ((static_cast<A>(xr[c]) - k[c]) - m[c]);
+          }
+        });
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) s2[c] *= pinv[c];
+  }
+  Tensor dx, dw, db;
+  if (needs_dx) {
+    Tensor packed = at::empty({2 * C}, params.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "syncnorm_pack", [&] {
+      scalar_t* q = packed.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < 2 * C; ++i) q[i] = static_cast<scalar_t>(sums[i]);
+    });
+    reduce(packed);
+    std::vector<double> glob(2 * C);
+    AT_DISPATCH_FLOATING_TYPES(acc, "syncnorm_unpack", [&] {
+      const scalar_t* q = packed.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < 2 * C; ++i) glob[i] = static_cast<double>(q[i]);
+    });
+    dx = at::empty_like(x, memory_format(x));
+    if (x.numel() > 0) {
+      const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(total, 1));
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_backward_dx", [&] {
+        using A = at::opmath_type<scalar_t>;
+        // dx = dy * a1 + ((x - c0) - m1) * a2 + a3
+        std::vector<A> a1(C), a2(C), a3(C), k(C), m(C);
+        for (int64_t c = 0; c < C; ++c) {
+          const double scale = pw[c] * pinv[c];
+          a1[c] = static_cast<A>(scale);
+          a2[c] = static_cast<A>(-scale * pinv[c] * glob[C + c] * inv_n);
+          a3[c] = static_cast<A>(-scale * glob[c] * inv_n);
+          k[c] = static_cast<A>(pc0[c]);
+          m[c] = static_cast<A>(pm1[c]);
+        }
+        const scalar_t* px = x.const_data_ptr<scalar_t>();
+        const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
+        scalar_t* q = dx.data_ptr<scalar_t>();
+        const int64_t N = g.N, S = g.S;
+        if (g.layout == Layout::kChannelsFirst) {
+          at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
+            for (int64_t row = b; row < e; ++row) {
+              const int64_t c = row % C;
+              const A b1 = a1[c], b2 = a2[c], b3 = a3[c], kc = k[c], mc = m[c];
+              const int64_t off = row * S;
+              for (int64_t i = 0; i < S; ++i)
+                q[off + i] = static_cast<scalar_t>(static_cast<A>(pdy[off + i]) * b1 +
+                                                   ((static_cast<A>(px[off + i]) - kc) - mc) * b2 + b3);
+            }
+          });
+        } else {
+          at::parallel_for(0, N * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+            for (int64_t row = b; row < e; ++row) {
+              const int64_t off = row * C;
+              for (int64_t c = 0; c < C; ++c)
+                q[off + c] = static_cast<scalar_t>(static_cast<A>(pdy[off + c]) * a1[c] +
+                                                   ((static_cast<A>(px[off + c]) - k[c]) - m[c]) * a2[c] + a3[c]);
+            }
+          });
         }
       });
-    } else {
-      at::parallel_for(0, N * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t row = b; row < e; ++row) {
-          const int64_t off = row * C;
-          for (int64_t c = 0; c < C; ++c)
-            q[off + c] = static_cast<scalar_t>(static_cast<A>(pdy[off + c]) * a1[c] +
-                                               ((static_cast<A>(px[off + c]) - k[c]) - m[c]) * a2[c] + a3[c]);
-        }
-      });
     }
-  });
-  return dx;
+  }
+  const double *pr = pp + kR * C, *pd = pp + kD * C;
+  auto fill = [&](int64_t dtype, bool weight_grad) {
+    Tensor out = at::empty({C}, params.options().dtype(static_cast<at::ScalarType>(dtype)));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "syncnorm_affine_grads", [&] {
+      scalar_t* q = out.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c)
+        q[c] = static_cast<scalar_t>(weight_grad ? s2[c] * pr[c] + s1[c] * pd[c] : s1[c]);
+    });
+    return out;
+  };
+  if (w_dtype >= 0) dw = fill(w_dtype, true);
+  if (b_dtype >= 0) db = fill(b_dtype, false);
+  return {dx, dw, db};
 }
 
 // ---------------------------------------------------------------------------------------------- autograd node
@@ -574,51 +589,31 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
                                                 bool center, double eps, c10::optional<Tensor> running_mean,
                                                 c10::optional<Tensor> running_var, double r_max, double d_max,
                                                 int64_t reducer) {
-    auto [y, c0, m1, invstd, w_eff, r, d] =
-        forward_apply(x, mean64, m2_64, total, center, nonempty_or_none(weight), nonempty_or_none(bias), eps,
-                      running_mean, running_var, r_max, d_max);
-    ctx->save_for_backward({x, c0, m1, invstd, w_eff, r, d});
+    auto [y, params] = forward_apply(x, mean64, m2_64, total, center, nonempty_or_none(weight),
+                                     nonempty_or_none(bias), eps, running_mean, running_var, r_max, d_max);
+    ctx->save_for_backward({x, params});
     ctx->saved_data["total"] = total;
     ctx->saved_data["reducer"] = reducer;
     ctx->saved_data["w_dtype"] = weight.numel() ? static_cast<int64_t>(weight.scalar_type()) : int64_t(-1);
     ctx->saved_data["b_dtype"] = bias.numel() ? static_cast<int64_t>(bias.scalar_type()) : int64_t(-1);
-    ctx->mark_non_differentiable({r, d});
-    return {y, r, d};
+    ctx->mark_non_differentiable({params});
+    return {y, params};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &c0 = saved[1], &m1 = saved[2], &invstd = saved[3], &w_eff = saved[4];
-    const Tensor &r = saved[5], &d = saved[6];
-    const int64_t total = ctx->saved_data["total"].toInt();
     const int64_t reducer = ctx->saved_data["reducer"].toInt();
-    const int64_t w_dtype = ctx->saved_data["w_dtype"].toInt();
-    const int64_t C = c0.numel();
-    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    Tensor dy, sum_dy, sum_dy_xhat, packed;
-    if (x.numel() > 0) {
-      Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(x);
-      std::tie(dy, sum_dy, sum_dy_xhat, packed) = backward_reduce(g.scalar_type() == x.scalar_type() ? g : g.to(x.scalar_type()), x, c0, m1, invstd);
-    } else {
-      sum_dy = at::zeros({C}, c0.options());
-      sum_dy_xhat = at::zeros({C}, c0.options());
-      packed = at::zeros({2 * C}, c0.options().dtype(acc));
-    }
-    Tensor dx;
-    if (ctx->needs_input_grad(0)) {
-      if (reducer >= 0) {  // the one backward collective: [sum dy, sum dy * x_hat], 2C values of acc dtype
-        py::gil_scoped_acquire gil;
-        TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
-        (*g_reducer)(packed, reducer);
-      }
-      dx = x.numel() > 0 ? backward_dx(dy, x, c0, m1, invstd, w_eff, packed, total) : at::zeros_like(x);
-    }
-    const int64_t b_dtype = ctx->saved_data["b_dtype"].toInt();
-    Tensor dw, db;
-    if (w_dtype >= 0 && ctx->needs_input_grad(1))
-      dw = (r.numel() ? sum_dy_xhat * r + sum_dy * d : sum_dy_xhat).to(static_cast<at::ScalarType>(w_dtype));
-    if (b_dtype >= 0 && ctx->needs_input_grad(2)) db = sum_dy.to(static_cast<at::ScalarType>(b_dtype));
+    auto reduce = [reducer](const Tensor& packed) {
+      if (reducer < 0) return;  // world size 1: no collective
+      py::gil_scoped_acquire gil;
+      TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
+      (*g_reducer)(packed, reducer);
+    };
+    const int64_t w_dtype = ctx->needs_input_grad(1) ? ctx->saved_data["w_dtype"].toInt() : int64_t(-1);
+    const int64_t b_dtype = ctx->needs_input_grad(2) ? ctx->saved_data["b_dtype"].toInt() : int64_t(-1);
+    auto [dx, dw, db] = backward_all(grads[0], saved[0], saved[1], ctx->saved_data["total"].toInt(),
+                                     ctx->needs_input_grad(0), w_dtype, b_dtype, reduce);
     return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
             Tensor()};
   }
@@ -626,22 +621,24 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tensor>& weight,
-                                              const c10::optional<Tensor>& bias, const Tensor& mean64,
-                                              const Tensor& m2_64, int64_t total, bool center, double eps,
-                                              const c10::optional<Tensor>& running_mean,
-                                              const c10::optional<Tensor>& running_var, double r_max, double d_max,
-                                              int64_t reducer) {
+// Returns y and the (6, C) fp64 parameters [c0, m1, invstd, w_eff, r, d] (see forward_apply).
+std::tuple<Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tensor>& weight,
+                                      const c10::optional<Tensor>& bias, const Tensor& mean64, const Tensor& m2_64,
+                                      int64_t total, bool center, double eps,
+                                      const c10::optional<Tensor>& running_mean,
+                                      const c10::optional<Tensor>& running_var, double r_max, double d_max,
+                                      int64_t reducer) {
   auto out = FusedNorm::apply(x, or_empty(weight, mean64), or_empty(bias, mean64), mean64, m2_64, total, center,
                               eps, running_mean, running_var, r_max, d_max, reducer);
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1]};
 }
 
 // One training forward of a layer without prior moments or payload (SyncBatchNorm, BatchRenorm), in one call:
 // local_pack, the forward all-reduce through the Python reducer (reducer < 0: none), finish, then, unless a peer
 // flagged an error (status 1) or the group holds exactly one value per channel (status 2), the fused_norm node and
 // the running-statistics update (when running_mean is given and the global count is not 0).
-// Returns (status, y, n, mean, m2, count, flag, r, d); y, r, d are undefined when status != 0.
+// Returns (status, y, n, mean, m2, count, flag, r, d): r, d the fp64 Batch-Renorm factors (undefined without
+// renorm); y, r, d are undefined when status != 0.
 std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor> train_step(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t num_features,
     double eps, int64_t reducer, const c10::optional<Tensor>& running_mean,
@@ -654,13 +651,18 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   }
   auto [n, mean, m2, count_d, flag, ratio] = finish(buf, num_features, eps);
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
-  if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor()};
-  if (count == 1) return {2, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor()};
-  auto [y, r, d] = fused_norm(x, weight, bias, mean, m2, count, ratio > kCenterAbove && x.numel() > 0, eps,
-                              renorm ? running_mean : c10::nullopt, renorm ? running_var : c10::nullopt, r_max,
-                              d_max, reducer);
+  if (flag > 0 || count == 1)
+    return {flag > 0 ? 1 : 2, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor()};
+  auto [y, params] = fused_norm(x, weight, bias, mean, m2, count, ratio > kCenterAbove && x.numel() > 0, eps,
+                                renorm ? running_mean : c10::nullopt, renorm ? running_var : c10::nullopt, r_max,
+                                d_max, reducer);
   if (running_mean.has_value() && running_mean->defined() && count > 0)
     update_running(*running_mean, *running_var, num_batches_tracked, mean, m2, count, momentum, cumulative);
+  Tensor r, d;
+  if (renorm) {
+    r = params.select(0, kR);
+    d = params.select(0, kD);
+  }
   return {0, y, n, mean, m2, count, flag, r, d};
 }
 
@@ -722,15 +724,12 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("shm_all_reduce", &shm_all_reduce);
-  m.def("fused_norm", &fused_norm);
-  m.def("train_step", &train_step);
-  m.def("set_reducer", &set_reducer);
   m.doc() = "syncnorm CPU kernels (see syncnorm/csrc/norm_cpu.cpp)";
   m.def("local_pack", &local_pack);
   m.def("finish", &finish);
-  m.def("forward_apply", &forward_apply);
   m.def("update_running", &update_running);
-  m.def("backward_reduce", &backward_reduce);
-  m.def("backward_dx", &backward_dx);
+  m.def("fused_norm", &fused_norm);
+  m.def("train_step", &train_step);
+  m.def("set_reducer", &set_reducer);
+  m.def("shm_all_reduce", &shm_all_reduce);
 }

@@ -8,8 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..functional import NormInfo, RenormBounds, train_step
-from ..stats import accumulation_dtype
+from ..functional import NormInfo, RenormBounds, check_input, train_step
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["BatchRenorm"]
@@ -39,7 +38,7 @@ class BatchRenorm(GlobalStatsBatchNorm):
     ``nn.BatchNorm``, forward and backward.
 
     After a training forward, ``last_info.r`` and ``last_info.d`` hold the ``r`` and ``d`` applied (shape ``(C,)``,
-    in the accumulation dtype), and :meth:`clip_fraction` the fraction of channels where either was clipped.
+    fp64), and :meth:`clip_fraction` the fraction of channels where either was clipped.
 
     **Synchronisation, uneven and empty batches.** Identical to :class:`syncnorm.SyncBatchNorm`: the global batch
     moments come from the same single all-reduce, ranks are weighted by their number of values per channel, so the
@@ -149,17 +148,18 @@ class BatchRenorm(GlobalStatsBatchNorm):
         # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so skip the O(C) renorm arithmetic
         # (the warm-up of a schedule costs exactly SyncBatchNorm)
         plain = r_max == 1.0 and d_max == 0.0
-        bounds = None if plain else RenormBounds(self.running_mean, self.running_var, eps, r_max, d_max)
+        running_mean, running_var, name = self.running_mean, self.running_var, self.layer_name
+        bounds = None if plain else RenormBounds(running_mean, running_var, eps, r_max, d_max)
         y, info = train_step(
-            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            input, self.weight, self.bias, running_mean, running_var, self.num_batches_tracked,
             eps=eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
-            layer_name=self.layer_name, renorm=bounds, error=self._input_error(input),
+            layer_name=name, renorm=bounds,
+            error=check_input(input, self.num_features, name, self._min_dim, self._max_dim),
         )
         if plain:
-            ones = torch.ones_like(info.batch.mean)
+            ones = torch.ones_like(info.batch.mean)  # fp64, like the factors of a renormalising step
             factors = (ones, torch.zeros_like(ones))
-            acc = accumulation_dtype(input.dtype)
-            info.r, info.d = factors[0].to(acc), factors[1].to(acc)
+            info.r, info.d = factors
         else:
             factors = bounds.last
         self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
