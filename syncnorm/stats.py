@@ -79,6 +79,11 @@ class Moments(NamedTuple):
 
     def merge(self, other: "Moments") -> "Moments":
         """Exact moments of the union of both sets (Chan's parallel update); either may be empty."""
+        fast = _ext.ops_for(self.mean)
+        if (fast is not None and self.mean.dtype == _STATS_DTYPE and other.mean.dtype == _STATS_DTYPE
+                and not (self.mean.requires_grad or other.mean.requires_grad or self.m2.requires_grad
+                         or other.m2.requires_grad)):
+            return Moments(*fast.merge_moments(self.count, self.mean, self.m2, other.count, other.mean, other.m2))
         n = self.count + other.count
         safe_n = torch.where(n > 0, n, torch.ones_like(n))
         delta = other.mean - self.mean
@@ -261,15 +266,18 @@ def global_moments(
         extra_numel = 0 if extra is None else extra.numel()
     if device is None:
         device = x.device
-    fast = _ext.ops_for(x) if (error is None and x is not None and not extra_numel) else None
-    if fast is not None and torch.device(device).type == "cpu":
+    fast = _ext.ops_for(x) if (error is None and x is not None) else None
+    if fast is not None and torch.device(device).type == "cpu" and (not extra_numel or extra is not None):
         # the same computation from C++ (syncnorm/csrc/norm_cpu.cpp): local sums + pack, collective, unpack
         buf = fast.local_pack(x, num_features)
+        if extra_numel:
+            buf = torch.cat([buf, extra.reshape(-1).to(_STATS_DTYPE)])
         comm.all_reduce_sum(buf, process_group)
         n, mean, m2, count, flag, mean_to_std = fast.finish(buf, num_features, eps)
         if flag > 0:
             raise _peer_error(layer_name, flag)
-        return GlobalMoments(Moments(n, mean, m2), int(round(count)), None, mean_to_std)
+        extra_sum = buf[2 + 2 * num_features:] if extra_numel else None
+        return GlobalMoments(Moments(n, mean, m2), int(round(count)), extra_sum, mean_to_std)
     local = None if (error is not None or x is None) else local_sums(x)
     buf = _pack(local, num_features, device, extra, extra_numel, error is not None)
     comm.all_reduce_sum(buf, process_group)

@@ -284,6 +284,25 @@ Tensor local_pack(const Tensor& x_in, int64_t num_features) {
   return buf;
 }
 
+// = stats.Moments.merge (Chan et al.): exact moments of the union of two sets, all fp64; counts are 0-d.
+std::tuple<Tensor, Tensor, Tensor> merge_moments(const Tensor& n1, const Tensor& mean1, const Tensor& m2_1,
+                                                 const Tensor& n2, const Tensor& mean2, const Tensor& m2_2) {
+  const int64_t C = mean1.numel();
+  const double a = n1.item<double>(), b = n2.item<double>(), n = a + b;
+  const double safe = n > 0 ? n : 1.0;
+  Tensor mean = f64(C, mean1), m2 = f64(C, mean1);
+  const Tensor u1 = mean1.contiguous(), v1 = m2_1.contiguous(), u2 = mean2.contiguous(), v2 = m2_2.contiguous();
+  const double *pu1 = u1.const_data_ptr<double>(), *pv1 = v1.const_data_ptr<double>();
+  const double *pu2 = u2.const_data_ptr<double>(), *pv2 = v2.const_data_ptr<double>();
+  double *pm = mean.data_ptr<double>(), *pq = m2.data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double delta = pu2[c] - pu1[c];
+    pm[c] = pu1[c] + delta * (b / safe);
+    pq[c] = pv1[c] + pv2[c] + delta * delta * (a * b / safe);
+  }
+  return {at::full({}, n, mean1.options()), mean, m2};
+}
+
 // = the tail of stats.global_moments: from the summed vector to (n, mean, M2) in fp64 and the host-side
 // (count, error flag, max |mean| / sqrt(var + eps)) that decide what every rank does next.
 std::tuple<Tensor, Tensor, Tensor, double, double, double> finish(const Tensor& buf, int64_t C, double eps) {
@@ -727,6 +746,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "syncnorm CPU kernels (see syncnorm/csrc/norm_cpu.cpp)";
   m.def("local_pack", &local_pack);
   m.def("finish", &finish);
+  m.def("merge_moments", &merge_moments);
   m.def("update_running", &update_running);
   m.def("fused_norm", &fused_norm);
   m.def("train_step", &train_step);

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import Optional
 
@@ -32,28 +31,6 @@ def _remove_capture_hook(conv: nn.Module) -> None:
     for key in [k for k, fn in conv._forward_hooks.items() if fn is _capture_conv_input]:
         del conv._forward_hooks[key]
     conv.__dict__.pop(_CAPTURED, None)
-
-
-def _patch_sums(xin: torch.Tensor, padding, kernel_size, stride, dilation, out_size) -> torch.Tensor:
-    """Sum over the batch and every output position of each input patch element: shape ``(C_in, prod(kernel))``.
-
-    Equal to the conv weight-gradient for an all-ones ``grad_output`` (one output channel per group), but computed
-    from the batch-summed input with one strided-slice sum per kernel offset, which costs a small fraction of a
-    convolution."""
-    nd = xin.dim() - 2
-    summed = xin.sum(0)  # (C_in, *spatial): the batch dimension is summed once
-    if any(padding):
-        pads = []
-        for p in reversed(tuple(padding)):
-            pads += [p, p]
-        summed = F.pad(summed, pads)
-    dims = tuple(range(1, nd + 1))
-    columns = []
-    for offsets in itertools.product(*(range(k) for k in kernel_size)):
-        window = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
-                       for o, d, s, n in zip(offsets, dilation, stride, out_size))
-        columns.append(summed[(slice(None),) + window].sum(dims))
-    return torch.stack(columns, dim=1)
 
 
 class CrossIterationBatchNorm(GlobalStatsBatchNorm):
@@ -300,7 +277,14 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             wshape = tuple(conv.weight.shape)
             cross = torch.ops.aten.convolution_backward(
                 yk, xin, yk.new_empty(1).expand(wshape), None, *args, groups, (False, True, False))[1]
-            patch = _patch_sums(xin, padding, conv.kernel_size, conv.stride, conv.dilation, tuple(y.shape[2:]))
+            # sum over the batch and every output position of each input patch element: the weight-gradient of
+            # an all-ones grad_output with one output channel per group, taken on the batch-summed input (a
+            # conv of one sample and `groups` output channels: a small fraction of the cross term's cost)
+            ones = xin.new_ones((1, groups) + tuple(y.shape[2:]))
+            patch_shape = (groups,) + wshape[1:]
+            patch = torch.ops.aten.convolution_backward(
+                ones, xin.sum(0, keepdim=True), xin.new_empty(1).expand(patch_shape), None, *args, groups,
+                (False, True, False))[1]
             patch64 = patch.to(_F64).reshape(groups, 1, per_channel)
             cross64 = cross.to(_F64).reshape(groups, C // groups, per_channel)
             cross64 = cross64 + k.to(_F64).view(groups, C // groups, 1) * patch64

@@ -93,12 +93,13 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
 
     def window_moments(self) -> Moments:
         """The fp64 moments of the current window so far (count 0 right after :meth:`reset`)."""
-        return Moments(self.window_count.to(_F64), self.window_mean.to(_F64), self.window_m2.to(_F64))
+        return Moments(*(t if t.dtype == _F64 else t.to(_F64)
+                         for t in (self.window_count, self.window_mean, self.window_m2)))
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         err = self._input_error(input)
         steps = self._accumulation_steps
-        count, forwards = torch.stack([self.window_count.to(_F64), self.window_forwards.to(_F64)]).tolist()
+        count, forwards = float(self.window_count), int(self.window_forwards)
         if steps is not None and forwards >= steps:
             self.reset()
             count = 0.0
