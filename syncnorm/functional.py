@@ -8,6 +8,11 @@ CBN's compensated history), optional Batch-Renorm correction ``r, d`` (no gradie
 
 The public functional forms :func:`sync_batch_norm` and :func:`batch_renorm` mirror ``torch.nn.functional.batch_norm``
 and update the running statistics in place.
+
+On CPU, when the C++ kernels are available (:mod:`syncnorm._ext`), :func:`normalize` and :func:`train_step` hand the
+same computation to one C++ autograd node (and :func:`train_step` the whole training forward to one C++ call); the
+collectives still go through :mod:`syncnorm.comm`. Custom ``renorm`` callables other than :class:`RenormBounds` and
+other devices use the Python path below.
 """
 
 from __future__ import annotations
@@ -456,8 +461,8 @@ def sync_batch_norm(
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0 if momentum is None else momentum, eps)
     err = check_input(input, input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else -1, layer_name)
-    y, info = normalize(input, weight, bias, eps=eps, process_group=process_group, layer_name=layer_name, error=err)
-    update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, info.global_count, momentum)
+    y, _ = train_step(input, weight, bias, running_mean, running_var, num_batches_tracked, eps=eps, momentum=momentum,
+                      process_group=process_group, layer_name=layer_name, error=err)
     return y
 
 
@@ -533,7 +538,5 @@ def batch_renorm(
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps), None
     err = check_input(input, input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else -1, layer_name)
     bounds = RenormBounds(running_mean.detach(), running_var.detach(), eps, r_max, d_max)
-    y, info = normalize(input, weight, bias, eps=eps, process_group=process_group, layer_name=layer_name,
-                        renorm=bounds, error=err)
-    update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, info.global_count, momentum)
-    return y, info
+    return train_step(input, weight, bias, running_mean, running_var, num_batches_tracked, eps=eps, momentum=momentum,
+                      process_group=process_group, layer_name=layer_name, renorm=bounds, error=err)

@@ -139,7 +139,10 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
 
     **Cost.** Exactly one all-reduce in forward, of ``2C + 2`` fp64 values (``16C + 16`` bytes), and one in backward,
     of ``2C`` values in the accumulation dtype (``8C`` bytes for fp32/fp16/bf16 input, ``16C`` for fp64), per rank,
-    independent of W. ``torch.nn.SyncBatchNorm`` all-gathers ``O(W * C)``.
+    independent of W. ``torch.nn.SyncBatchNorm`` all-gathers ``O(W * C)``. On CPU the arithmetic runs in syncnorm's
+    C++ kernels (four passes over the data per forward + backward; see :mod:`syncnorm._ext`), and when every rank
+    of a gloo group is on one host the two vectors travel through shared memory (see
+    :func:`syncnorm.comm.all_reduce_sum`); the results are the same either way.
 
     **World size 1, no process group, eval mode.** No collective. Eval mode is exactly ``nn.BatchNorm`` eval
     (running statistics; without running statistics, this rank's batch statistics). World size 1 in training gives
