@@ -206,3 +206,30 @@ def test_layer_state_holds_no_graph_after_training_step(layer_type):
         assert t is None or (not t.requires_grad and t.grad_fn is None)
     twin = copy.deepcopy(net)
     torch.testing.assert_close(twin[1].running_mean, norm.running_mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cross_minibatch_window_step_matches_python_path(dtype):
+    # CmBN's one-call window step against its Python path over two windows of 3 micro-batches (auto reset)
+    layer = syncnorm.CrossMiniBatchNorm(4, accumulation_steps=3).to(dtype)
+    runs = {}
+    for python in (False, True):
+        twin = copy.deepcopy(layer)
+        previous = _ext.set_enabled(not python)
+        outs = []
+        try:
+            for i in range(6):
+                x, g = _input((3 + i % 2, 4, 3, 3), dtype, seed=i)
+                x = x.requires_grad_(True)
+                y = twin(x)
+                (y.double() * g).sum().backward()
+                outs += [y.detach(), x.grad, twin.window_mean.clone(), twin.window_m2.clone(),
+                         twin.window_count.clone(), twin.running_var.clone()]
+        finally:
+            _ext.set_enabled(previous)
+        runs[python] = (outs, twin.weight.grad.clone(), int(twin.window_forwards))
+    tol = (1e-10, 1e-11) if dtype == torch.float64 else (2e-5, 2e-5)
+    for i, (a, b) in enumerate(zip(runs[False][0], runs[True][0])):
+        assert compare(f"item {i}", a, b, *tol) is None
+    assert compare("dw", runs[False][1], runs[True][1], *tol) is None
+    assert runs[False][2] == runs[True][2] == 3

@@ -685,6 +685,47 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   return {0, y, n, mean, m2, count, flag, r, d};
 }
 
+// CrossMiniBatchNorm's training forward in one call: as train_step without renorm, but the batch moments are
+// merged with those of the accumulation window so far (window_count / window_mean / window_m2; count 0 at a
+// window's start) before normalising, the merged moments are written back into the window buffers and
+// window_forwards is incremented. The running statistics still follow the batch moments alone.
+// Returns (status, y, n, mean, m2, count, flag, used_n, used_mean, used_m2); status as train_step's, with
+// status 2 when the batch and the window together hold exactly one value per channel.
+std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor, Tensor> window_step(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t num_features,
+    double eps, int64_t reducer, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked, double momentum,
+    bool cumulative, const Tensor& window_count, const Tensor& window_mean, const Tensor& window_m2,
+    const Tensor& window_forwards) {
+  Tensor buf = local_pack(x, num_features);
+  if (reducer >= 0) {
+    TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
+    (*g_reducer)(buf, reducer);
+  }
+  auto [n, mean, m2, count_d, flag, ratio] = finish(buf, num_features, eps);
+  const int64_t count = static_cast<int64_t>(std::llround(count_d));
+  if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor()};
+  const double prior = window_count.item<double>();
+  Tensor un = n, umean = mean, um2 = m2;
+  if (prior > 0)
+    std::tie(un, umean, um2) = merge_moments(window_count.to(at::kDouble), window_mean.to(at::kDouble),
+                                             window_m2.to(at::kDouble), n, mean, m2);
+  const int64_t total = count + static_cast<int64_t>(std::llround(prior));
+  if (total == 1) return {2, Tensor(), n, mean, m2, count, flag, un, umean, um2};
+  auto [y, params] = fused_norm(x, weight, bias, umean, um2, total, ratio > kCenterAbove && x.numel() > 0, eps,
+                                c10::nullopt, c10::nullopt, 1.0, 0.0, reducer);
+  if (running_mean.has_value() && running_mean->defined() && count > 0)
+    update_running(*running_mean, *running_var, num_batches_tracked, mean, m2, count, momentum, cumulative);
+  {
+    at::NoGradGuard no_grad;
+    window_count.copy_(un);
+    window_mean.copy_(umean);
+    window_m2.copy_(um2);
+    window_forwards.add_(1);
+  }
+  return {0, y, n, mean, m2, count, flag, un, umean, um2};
+}
+
 void set_reducer(py::object fn) {
   if (g_reducer == nullptr) g_reducer = new py::object();
   *g_reducer = std::move(fn);
@@ -750,6 +791,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("update_running", &update_running);
   m.def("fused_norm", &fused_norm);
   m.def("train_step", &train_step);
+  m.def("window_step", &window_step);
   m.def("set_reducer", &set_reducer);
   m.def("shm_all_reduce", &shm_all_reduce);
 }

@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
-from ..functional import normalize
-from ..stats import Moments
+from .. import _ext
+from ..functional import NormInfo, _one_value_error, check_input, normalize
+from ..stats import Moments, _peer_error
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["CrossMiniBatchNorm"]
@@ -97,12 +98,29 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
                          for t in (self.window_count, self.window_mean, self.window_m2)))
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
-        err = self._input_error(input)
+        name = self.layer_name
+        err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
         steps = self._accumulation_steps
-        count, forwards = float(self.window_count), int(self.window_forwards)
-        if steps is not None and forwards >= steps:
+        if steps is not None and int(self.window_forwards) >= steps:
             self.reset()
-            count = 0.0
+        fast = _ext.ops_for(input) if err is None else None
+        if fast is not None and (self.weight is None or self.weight.is_cpu):
+            # the C++ kernels: statistics, the one forward all-reduce, the merge with the window, the fused node,
+            # the running statistics and the window buffers in one call (the same steps as below)
+            momentum = self.momentum
+            status, y, n, mean, m2, count, flag, un, umean, um2 = fast.window_step(
+                input, self.weight, self.bias, self.num_features, self.eps, _ext.reducer_key(self.process_group),
+                self.running_mean, self.running_var, self.num_batches_tracked,
+                0.0 if momentum is None else float(momentum), momentum is None, self.window_count, self.window_mean,
+                self.window_m2, self.window_forwards)
+            if status == 1:
+                raise _peer_error(name, flag)
+            if status == 2:
+                raise _one_value_error(name, input)
+            self.__dict__["last_info"] = NormInfo(batch=Moments(n, mean, m2), used=Moments(un, umean, um2),
+                                                  global_count=count, local_count=input.numel() // self.num_features)
+            return y
+        count = float(self.window_count)
         prior = self.window_moments() if count > 0 else None
         y, info = normalize(
             input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
