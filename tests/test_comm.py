@@ -92,3 +92,18 @@ def test_no_collective_and_no_channel_without_distributed():
     t = torch.ones(2)
     assert comm.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0]
     assert comm._channels == before
+
+
+def _mismatched_sizes(rank: int, world: int) -> dict:
+    comm.all_reduce_sum(torch.ones(4, dtype=torch.float64))  # sets the channel up
+    try:
+        comm.all_reduce_sum(torch.ones(4 + rank, dtype=torch.float64))  # a bug on the caller's side
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def test_mismatched_sizes_raise_on_every_rank():
+    # gloo refuses mismatched all-reduces; the shared-memory transport must not sum stale bytes instead
+    for r in run_distributed(_mismatched_sizes, 2, timeout=120):
+        assert r["error"] is not None and "mismatch" in r["error"], r

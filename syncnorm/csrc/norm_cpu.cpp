@@ -736,7 +736,7 @@ void set_reducer(py::object fn) {
 // syncnorm.comm uses this for the statistics path's small vectors when every rank of a gloo group runs on this
 // host (a gloo all-reduce costs about 2 ms per call on a 2-core VM, against ~50 us for a loopback round trip).
 // The region, mapped by every rank of the group, holds one 64-byte line per rank with the number of the last
-// round that rank posted, then two banks of `world` slots of `capacity` bytes. Round k (1, 2, ...) writes this
+// round that rank posted (and, per bank, the byte size and dtype it posted, which every peer checks), then two banks of `world` slots of `capacity` bytes. Round k (1, 2, ...) writes this
 // rank's vector into bank k % 2, posts k (release), waits until every rank has posted k (acquire), and sums the
 // slots in rank order, so every rank computes bit-identical results. Bank k % 2 is free again at round k + 2: a
 // rank posts k + 1 only after it has read bank k % 2, and nobody enters round k + 2 before seeing k + 1 posted
@@ -751,8 +751,14 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
   TORCH_CHECK(bytes <= capacity, "shm_all_reduce: ", bytes, " bytes exceed the slot capacity ", capacity);
   char* region = reinterpret_cast<char*>(base);
   auto posted = [&](int64_t r) { return reinterpret_cast<std::atomic<int64_t>*>(region + 64 * r); };
+  // beside each rank's counter: the byte size and dtype it posted in this round, checked by every peer, so that
+  // mismatched calls raise (as gloo does) instead of summing stale bytes; one pair per bank, because a peer may
+  // already post round k + 1 while this rank still reads round k (never k + 2: see above)
+  auto shape = [&](int64_t r) { return reinterpret_cast<int64_t*>(region + 64 * r + 8 + 16 * (round & 1)); };
   char* bank = region + 64 * world + (round & 1) * world * capacity;
   std::memcpy(bank + rank * capacity, t.data_ptr(), bytes);
+  shape(rank)[0] = bytes;
+  shape(rank)[1] = static_cast<int64_t>(t.scalar_type());
   posted(rank)->store(round, std::memory_order_release);
   {
     py::gil_scoped_release no_gil;  // waiting must not block this process's other Python threads
@@ -770,6 +776,13 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
         }
       }
     }
+  }
+  for (int64_t r = 0; r < world; ++r) {
+    TORCH_CHECK(shape(r)[0] == bytes && shape(r)[1] == static_cast<int64_t>(t.scalar_type()),
+                "syncnorm: shared-memory all-reduce mismatch in round ", round, ": this rank (", rank, ") sent ",
+                t.numel(), " values of ", t.scalar_type(), ", rank ", r, " sent ", shape(r)[0], " bytes of dtype ",
+                c10::toString(static_cast<at::ScalarType>(shape(r)[1])),
+                "; every rank must call the same layers with the same channel counts and dtypes");
   }
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "syncnorm_shm_all_reduce", [&] {
     scalar_t* out = t.data_ptr<scalar_t>();
