@@ -1,10 +1,12 @@
 """The optional C++ CPU fast path (``syncnorm/csrc/norm_cpu.cpp``), compiled on first use.
 
-The statistics path has about sixty small O(C) tensor operations per forward + backward. On a small layer each one
-costs more in Python's dispatch than in arithmetic, so on CPU the same operations run from C++ instead: the
-extension computes exactly what the Python code in :mod:`syncnorm.stats` and :mod:`syncnorm.functional` computes
-(same ATen operations, same order; ``tests/test_fast_path.py`` checks the two paths agree bit for bit), and the
-collective stays in :mod:`syncnorm.comm` between the stages.
+The Python statistics path has about sixty small tensor operations and five to six passes over the data per
+forward + backward. On CPU the extension computes the same quantities in four fused passes and a few O(C) loops,
+inside one C++ autograd node: the same statistics, the same centring rules, the same collectives (still issued
+by :mod:`syncnorm.comm`, through a Python callback). The two paths agree to rounding, not bit for bit (the kernels
+sum in SIMD lanes with fp64 block totals and form the per-channel constants in fp64); ``tests/test_fast_path.py``
+checks both against each other and against float64 BatchNorm. Every rank of a group should take the same path (a
+build that fails on one rank only leaves its running statistics a few ulps away from its peers').
 
 The extension is built with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja are needed; about a
 minute, once per torch version and source change, cached under ``TORCH_EXTENSIONS_DIR`` or

@@ -86,6 +86,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -
 # ---------------------------------------------------------------------------------------------------------------
 
 SHM_SLOT_BYTES = 1 << 20  # largest vector (bytes) sent through shared memory; larger ones use the backend
+_SHM_DEFAULT_TIMEOUT = 1800.0  # seconds a rank waits for its peers: gloo's default process-group timeout
 _SHM_DTYPES = (torch.float32, torch.float64)
 _channels: dict = {}  # id(group) -> (group, SameHostChannel or None), decided identically on every rank
 
@@ -101,7 +102,9 @@ class SameHostChannel:
     temporary directory where there is none), every rank maps it, then it is unlinked, so nothing outlives the
     processes. The synchronisation and the rank-ordered sum are in the C++ kernels (``shm_all_reduce`` in
     ``syncnorm/csrc/norm_cpu.cpp``). A rank that never arrives makes its peers raise after
-    ``SYNCNORM_SHM_TIMEOUT`` seconds (default 300) instead of hanging.
+    ``SYNCNORM_SHM_TIMEOUT`` seconds (default 1800, gloo's default timeout) instead of hanging. Whether a group
+    uses the channel is decided from every rank's settings (host, ``SYNCNORM_SHM``, the C++ kernels, the timeout),
+    so all ranks agree.
     """
 
     def __init__(self, ops, mapping, address: int, rank: int, world: int, capacity: int, timeout: float) -> None:
@@ -129,8 +132,8 @@ def _same_host_channel(group: Optional[ProcessGroup]) -> Optional[SameHostChanne
     if entry is not None:
         return entry[1]
     channel = None
-    if _shm_enabled() and get_backend(group) == "gloo":
-        channel = _open_channel(group)
+    if get_backend(group) == "gloo":
+        channel = _open_channel(group)  # collective: every rank of a gloo group takes part, enabled or not
     _channels[key] = (pg, channel)
     return channel
 
@@ -146,10 +149,23 @@ def _open_channel(group: Optional[ProcessGroup]) -> Optional[SameHostChannel]:
 
     from . import _ext
 
-    ops = _ext.ops()
     world, rank = get_world_size(group), get_rank(group)
-    infos = all_gather_object((socket.gethostname(), ops is not None), group)
-    if any(host != infos[0][0] or not has_ops for host, has_ops in infos):
+    enabled = _shm_enabled()
+    ops = _ext.ops() if enabled else None
+    try:
+        timeout = float(os.environ.get("SYNCNORM_SHM_TIMEOUT", str(_SHM_DEFAULT_TIMEOUT)))
+        timeout_ok = timeout > 0
+    except ValueError:
+        timeout, timeout_ok = _SHM_DEFAULT_TIMEOUT, False
+    # every rank's settings go into the decision, so that ranks with different environments still agree
+    infos = all_gather_object((socket.gethostname(), enabled, ops is not None, timeout_ok), group)
+    if any(host != infos[0][0] or not (on and has_ops and ok) for host, on, has_ops, ok in infos):
+        if enabled and not timeout_ok:
+            import warnings
+
+            warnings.warn(f"syncnorm: SYNCNORM_SHM_TIMEOUT={os.environ.get('SYNCNORM_SHM_TIMEOUT')!r} is not a "
+                          "positive number of seconds; this process group uses gloo for its statistics",
+                          RuntimeWarning, stacklevel=3)
         return None
     capacity = SHM_SLOT_BYTES
     size = 64 * world + 2 * world * capacity
@@ -181,7 +197,6 @@ def _open_channel(group: Optional[ProcessGroup]) -> Optional[SameHostChannel]:
     if not all(ok):
         return None
     address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    timeout = float(os.environ.get("SYNCNORM_SHM_TIMEOUT", "300"))
     return SameHostChannel(ops, mapping, address, rank, world, capacity, timeout)
 
 

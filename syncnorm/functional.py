@@ -326,7 +326,9 @@ def normalize(
         error = ValueError(f"{layer_name}: expected {C} channels in dim 1, got {x.shape[1]}")
     device = weight.device if weight is not None else (x.device if isinstance(x, torch.Tensor) else None)
     spec = _Spec(C, eps, process_group, layer_name, prior, renorm, extra, extra_numel, error, device)
-    if error is None and isinstance(x, torch.Tensor) and (renorm is None or type(renorm) is RenormBounds):
+    if error is None and isinstance(x, torch.Tensor) and (
+            renorm is None or (type(renorm) is RenormBounds and prior is None and renorm.eps == float(eps))):
+        # (a RenormBounds with a prior or another eps keeps the Python path, whose r and d follow its own rules)
         fast = _ext.ops_for(x)
         if fast is not None and (weight is None or weight.is_cpu):
             return _normalize_cpu(fast, x, weight, bias, spec)
@@ -384,12 +386,14 @@ def train_step(
     """
     C = x.shape[1] if num_features is None and isinstance(x, torch.Tensor) and x.dim() >= 2 else num_features
     fast = None
-    if error is None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == C:
+    if (error is None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == C
+            and (renorm is None or (type(renorm) is RenormBounds and renorm.eps == float(eps)))):
         fast = _ext.ops_for(x)
     if fast is not None and (weight is None or weight.is_cpu):
         status, y, n, mean, m2, count, flag, r, d = fast.train_step(
             x, weight, bias, C, eps, _ext.reducer_key(process_group), running_mean, running_var, num_batches_tracked,
-            0.0 if momentum is None else float(momentum), momentum is None, renorm is not None,
+            0.0 if momentum is None else float(momentum), momentum is None,
+            None if renorm is None else renorm.running_mean, None if renorm is None else renorm.running_var,
             1.0 if renorm is None else renorm.r_max, 0.0 if renorm is None else renorm.d_max)
         if status == 1:
             raise _peer_error(layer_name, flag)

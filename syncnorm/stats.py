@@ -81,6 +81,7 @@ class Moments(NamedTuple):
         """Exact moments of the union of both sets (Chan's parallel update); either may be empty."""
         fast = _ext.ops_for(self.mean)
         if (fast is not None and self.mean.dtype == _STATS_DTYPE and other.mean.dtype == _STATS_DTYPE
+                and self.mean.shape == other.mean.shape == self.m2.shape == other.m2.shape and self.mean.dim() == 1
                 and not (self.mean.requires_grad or other.mean.requires_grad or self.m2.requires_grad
                          or other.m2.requires_grad)):
             return Moments(*fast.merge_moments(self.count, self.mean, self.m2, other.count, other.mean, other.m2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -107,3 +109,16 @@ def test_mismatched_sizes_raise_on_every_rank():
     # gloo refuses mismatched all-reduces; the shared-memory transport must not sum stale bytes instead
     for r in run_distributed(_mismatched_sizes, 2, timeout=120):
         assert r["error"] is not None and "mismatch" in r["error"], r
+
+
+def _one_rank_opts_out(rank: int, world: int) -> dict:
+    if rank == 1:
+        os.environ["SYNCNORM_SHM"] = "0"  # this rank alone: the group must still agree (gloo for everyone)
+    v = torch.full((3,), float(rank + 1), dtype=torch.float64)
+    comm.all_reduce_sum(v)
+    return {"channel": comm._same_host_channel(None) is not None, "sum": v.tolist()}
+
+
+def test_ranks_with_different_settings_agree():
+    for r in run_distributed(_one_rank_opts_out, 2, timeout=120):
+        assert not r["channel"] and r["sum"] == [3.0, 3.0, 3.0]

@@ -69,7 +69,9 @@ def _input(shape, dtype, layout="contiguous", seed=0, loc=0.5, scale=2.0):
 
 CASES = [
     ((6, 5), "contiguous"),
+    ((6, 5), "strided"),  # (N, C) with C not contiguous: read through a copy
     ((4, 5, 7), "contiguous"),
+    ((4, 5, 7), "strided"),
     ((3, 5, 4, 6), "contiguous"),
     ((3, 5, 4, 6), "channels_last"),
     ((3, 5, 4, 6), "strided"),
@@ -233,3 +235,67 @@ def test_cross_minibatch_window_step_matches_python_path(dtype):
         assert compare(f"item {i}", a, b, *tol) is None
     assert compare("dw", runs[False][1], runs[True][1], *tol) is None
     assert runs[False][2] == runs[True][2] == 3
+
+
+
+@pytest.mark.parametrize("make", ["expand", "chunk", "every_other_channel"])
+def test_kernels_other_strided_inputs(make):
+    # stride-0 and sliced inputs (2-d and 4-d) must be read as the tensors they are
+    g = torch.Generator().manual_seed(5)
+    if make == "expand":
+        x = torch.randn(64, 1, generator=g, dtype=torch.float64).expand(64, 4)  # channel stride 0
+    elif make == "chunk":
+        x = torch.randn(8, 10, generator=g, dtype=torch.float64).chunk(2, dim=1)[0]
+    else:
+        x = torch.randn(3, 8, 4, 4, generator=g, dtype=torch.float64)[:, ::2]
+    assert not x.is_contiguous()
+    grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    layer = syncnorm.SyncBatchNorm(x.shape[1]).double()
+    fast = _run(layer, x, grad, steps=1)
+    ref = reference_bn(x.contiguous(), grad, layer.weight, layer.bias, steps=1)
+    for k in ("y", "dx", "dw", "db", "running_mean", "running_var"):
+        assert compare(k, fast[k], ref[k], 1e-10, 1e-11) is None
+
+
+def test_renorm_bounds_with_own_eps_statistics_or_prior_follow_the_python_rules():
+    # the functional API may pass a RenormBounds whose eps / running statistics differ from the layer's, or a prior:
+    # the fast path must give what the Python path gives
+    from syncnorm.functional import RenormBounds, normalize, train_step
+    from syncnorm.stats import Moments
+
+    x, g = _input((6, 3, 4, 4), torch.float64, scale=3.0)
+    rm_other, rv_other = torch.tensor([-3.0, 0.0, 3.0], dtype=torch.float64), torch.tensor([0.5, 4.0, 9.0],
+                                                                                           dtype=torch.float64)
+    prior = Moments(torch.tensor(40.0, dtype=torch.float64), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+                    torch.tensor([40.0, 80.0, 10.0], dtype=torch.float64))
+    cases = {
+        "own eps": dict(bounds=(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 1e-1),
+                        prior=None),
+        "prior": dict(bounds=(rm_other, rv_other, 1e-5), prior=prior),
+    }
+    for name, case in cases.items():
+        outs = []
+        for python in (False, True):
+            previous = _ext.set_enabled(not python)
+            try:
+                rm, rv, eps_b = case["bounds"]
+                bounds = RenormBounds(rm, rv, eps_b, 1.5, 0.5)
+                y, info = normalize(x, None, None, eps=1e-5, renorm=bounds, prior=case["prior"])
+                outs.append((y, info.r, info.d))
+            finally:
+                _ext.set_enabled(previous)
+        for a, b in zip(outs[0], outs[1]):
+            assert compare(name, a, b, 1e-10, 1e-11) is None
+    # train_step: r and d compare with the bounds' statistics, the update goes to the running buffers given
+    outs = []
+    for python in (False, True):
+        previous = _ext.set_enabled(not python)
+        try:
+            run_m, run_v = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+            bounds = RenormBounds(rm_other, rv_other, 1e-5, 1.5, 0.5)
+            y, info = train_step(x, None, None, run_m, run_v, None, eps=1e-5, momentum=0.1, renorm=bounds)
+            outs.append((y, info.r, info.d, run_m, run_v))
+        finally:
+            _ext.set_enabled(previous)
+    for a, b in zip(outs[0], outs[1]):
+        assert compare("train_step", a, b, 1e-10, 1e-11) is None

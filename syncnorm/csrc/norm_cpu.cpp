@@ -37,6 +37,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -66,7 +67,7 @@ Geometry geometry(const Tensor& x) {
 
 // x itself when it is contiguous in a supported layout, else a contiguous copy.
 Tensor supported(const Tensor& x) {
-  if (x.dim() == 2 || x.is_contiguous()) return x;
+  if (x.is_contiguous()) return x;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
   if (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return x;
   return x.contiguous();
@@ -288,6 +289,8 @@ Tensor local_pack(const Tensor& x_in, int64_t num_features) {
 std::tuple<Tensor, Tensor, Tensor> merge_moments(const Tensor& n1, const Tensor& mean1, const Tensor& m2_1,
                                                  const Tensor& n2, const Tensor& mean2, const Tensor& m2_2) {
   const int64_t C = mean1.numel();
+  TORCH_CHECK(mean2.numel() == C && m2_1.numel() == C && m2_2.numel() == C, "merge_moments: expected ", C,
+              " channels on both sides, got ", mean2.numel());
   const double a = n1.item<double>(), b = n2.item<double>(), n = a + b;
   const double safe = n > 0 ? n : 1.0;
   Tensor mean = f64(C, mean1), m2 = f64(C, mean1);
@@ -655,14 +658,17 @@ std::tuple<Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tenso
 // One training forward of a layer without prior moments or payload (SyncBatchNorm, BatchRenorm), in one call:
 // local_pack, the forward all-reduce through the Python reducer (reducer < 0: none), finish, then, unless a peer
 // flagged an error (status 1) or the group holds exactly one value per channel (status 2), the fused_norm node and
-// the running-statistics update (when running_mean is given and the global count is not 0).
+// the running-statistics update (when running_mean is given and the global count is not 0). Batch Renorm's r and d
+// compare the batch with renorm_mean / renorm_var (read before the update; none: no renorm).
 // Returns (status, y, n, mean, m2, count, flag, r, d): r, d the fp64 Batch-Renorm factors (undefined without
 // renorm); y, r, d are undefined when status != 0.
 std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor> train_step(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t num_features,
     double eps, int64_t reducer, const c10::optional<Tensor>& running_mean,
     const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked, double momentum,
-    bool cumulative, bool renorm, double r_max, double d_max) {
+    bool cumulative, const c10::optional<Tensor>& renorm_mean, const c10::optional<Tensor>& renorm_var, double r_max,
+    double d_max) {
+  const bool renorm = renorm_mean.has_value() && renorm_mean->defined();
   Tensor buf = local_pack(x, num_features);
   if (reducer >= 0) {
     TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
@@ -673,7 +679,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   if (flag > 0 || count == 1)
     return {flag > 0 ? 1 : 2, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor()};
   auto [y, params] = fused_norm(x, weight, bias, mean, m2, count, ratio > kCenterAbove && x.numel() > 0, eps,
-                                renorm ? running_mean : c10::nullopt, renorm ? running_var : c10::nullopt, r_max,
+                                renorm ? renorm_mean : c10::nullopt, renorm ? renorm_var : c10::nullopt, r_max,
                                 d_max, reducer);
   if (running_mean.has_value() && running_mean->defined() && count > 0)
     update_running(*running_mean, *running_var, num_batches_tracked, mean, m2, count, momentum, cumulative);
@@ -766,7 +772,14 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
     for (int64_t r = 0; r < world; ++r) {
       int64_t spins = 0;
       while (posted(r)->load(std::memory_order_acquire) < round) {
-        if (++spins > 64) sched_yield();
+        // spin briefly, then yield, then sleep: a long wait (a peer evaluating or checkpointing) must not keep
+        // a core busy that the peer may need
+        ++spins;
+        if (spins > 200000) {
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
+        } else if (spins > 64) {
+          sched_yield();
+        }
         if ((spins & 1023) == 0) {
           const double waited =
               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
