@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import syncnorm
+from syncnorm import _ext
 from syncnorm.stats import Moments, merge_all, moments_of
 from tests.dist.harness import CollectiveLedger, run_distributed
 from tests.oracle import compare, grad_weights, make_batches, reference_bn
@@ -378,7 +379,7 @@ def _slice(sizes, rank):
     return slice(off, off + sizes[rank])
 
 
-def _cbn_oracle(rank, world, results, solo):
+def _cbn_oracle(rank, world, results, solo, suffix=""):
     for compensate in (True, False):
         torch.manual_seed(7)
         conv = nn.Conv2d(3, C, 3, padding=1, groups=1).double()
@@ -415,8 +416,8 @@ def _cbn_oracle(rank, world, results, solo):
         for k, v in ref_bn.state_dict().items():
             if k != "step":
                 errs.append(compare(f"state {k}", bn.state_dict()[k].double(), v.double(), 1e-9, 1e-10))
-        results[f"cbn-oracle-compensate{compensate}"] = "; ".join(e for e in errs if e) or None
-        results[f"cbn-history-compensate{compensate}"] = torch.cat(
+        results[f"cbn-oracle-compensate{compensate}{suffix}"] = "; ".join(e for e in errs if e) or None
+        results[f"cbn-history-compensate{compensate}{suffix}"] = torch.cat(
             [bn.history_mean.flatten(), bn.history_var.flatten(), bn.history_dvar.flatten().double()])
 
 
@@ -473,7 +474,12 @@ def _ledger_checks(rank, world, results):
 def _world_worker(rank, world):
     results = {}
     solo = syncnorm.comm.new_groups(1)  # the single-process references run on each rank without syncing
-    _cbn_oracle(rank, world, results, solo)
+    _cbn_oracle(rank, world, results, solo)  # the C++ kernels where they build
+    previous = _ext.set_enabled(False)
+    try:
+        _cbn_oracle(rank, world, results, solo, suffix="-python")  # the Python path, in the same world
+    finally:
+        _ext.set_enabled(previous)
     _cmbn_oracle(rank, world, results, solo)
     _ledger_checks(rank, world, results)
     return results
@@ -484,7 +490,9 @@ def world_results(request):
     return request.param, run_distributed(_world_worker, request.param, timeout=240)
 
 
-@pytest.mark.parametrize("check", ["cbn-oracle-compensateTrue", "cbn-oracle-compensateFalse", "cmbn-oracle"])
+@pytest.mark.parametrize("check", ["cbn-oracle-compensateTrue", "cbn-oracle-compensateFalse",
+                                   "cbn-oracle-compensateTrue-python", "cbn-oracle-compensateFalse-python",
+                                   "cmbn-oracle"])
 def test_distributed_oracle(world_results, check):
     _, results = world_results
     for rank, r in enumerate(results):
@@ -493,7 +501,8 @@ def test_distributed_oracle(world_results, check):
 
 def test_distributed_history_identical_on_every_rank(world_results):
     _, results = world_results
-    for key in ("cbn-history-compensateTrue", "cbn-history-compensateFalse"):
+    for key in ("cbn-history-compensateTrue", "cbn-history-compensateFalse", "cbn-history-compensateTrue-python",
+                "cbn-history-compensateFalse-python"):
         for r in results[1:]:
             assert torch.equal(r[key], results[0][key])
     assert results[0]["cbn-history-compensateTrue"].abs().sum() > 0

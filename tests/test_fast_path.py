@@ -299,3 +299,126 @@ def test_renorm_bounds_with_own_eps_statistics_or_prior_follow_the_python_rules(
             _ext.set_enabled(previous)
     for a, b in zip(outs[0], outs[1]):
         assert compare("train_step", a, b, 1e-10, 1e-11) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CrossIterationBatchNorm: the one-call C++ training forward (cbn_step) against its Python path
+# ---------------------------------------------------------------------------------------------------------------
+CBN_CONVS = {
+    "conv2d-bias": lambda: torch.nn.Conv2d(3, 4, 3, padding=1),
+    "grouped-strided-dilated": lambda: torch.nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2),
+    "depthwise": lambda: torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+    "reflect": lambda: torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+    "same-even-kernel": lambda: torch.nn.Conv2d(3, 4, 4, padding="same", dilation=1),
+    "conv1d-circular": lambda: torch.nn.Conv1d(3, 4, 5, stride=2, padding=2, padding_mode="circular"),
+    "conv3d": lambda: torch.nn.Conv3d(2, 4, (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1)),
+    "conv2d-1x1": lambda: torch.nn.Conv2d(3, 4, 1, bias=False),
+}
+_CBN_SPATIAL = {1: (9,), 2: (7, 6), 3: (4, 5, 6)}
+
+
+def _cbn_run(conv, bn, batches, python, lr=0.05, channels_last=False, autocast=False, attach=True):
+    """Training steps of copies of (conv, bn) with an SGD step between them; per step y and the input grad, then the
+    final parameter grads and every buffer."""
+    conv, bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    if attach and bn.compensate and bn.window > 1:
+        bn.attach(conv)
+    previous = _ext.set_enabled(not python)
+    outs = []
+    try:
+        for x, g in batches:
+            x = x.detach().clone()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            for p in (*conv.parameters(), *bn.parameters()):
+                p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = bn(conv(x))
+            (y.double() * g).sum().backward()
+            outs += [y.detach(), x.grad]
+            with torch.no_grad():
+                for p in (*conv.parameters(), *bn.parameters()):
+                    p -= lr * p.grad
+    finally:
+        _ext.set_enabled(previous)
+    grads = [p.grad for p in (*conv.parameters(), *bn.parameters())]
+    return outs, grads, bn.state_dict(), bn
+
+
+def _cbn_batches(conv, dtype, sizes, loc=0.0, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spatial = _CBN_SPATIAL[conv.weight.dim() - 2]
+    out = []
+    for n in sizes:
+        x = (torch.randn((n, conv.in_channels) + spatial, generator=g, dtype=torch.float64) * scale + loc).to(dtype)
+        with torch.no_grad():
+            shape = (n,) + tuple(conv(torch.zeros((1, conv.in_channels) + spatial, dtype=conv.weight.dtype)).shape[1:])
+        out.append((x, torch.randn(shape, generator=g, dtype=torch.float64)))
+    return out
+
+
+def _cbn_agree(a, b, rtol, atol):
+    errs = [compare(f"step {i // 2} {'y' if i % 2 == 0 else 'dx'}", u, v, rtol, atol)
+            for i, (u, v) in enumerate(zip(a[0], b[0]))]
+    errs += [compare(f"grad {i}", u, v, rtol, atol) for i, (u, v) in enumerate(zip(a[1], b[1])) if u is not None]
+    for key, v in b[2].items():
+        u = a[2][key]
+        if u.dtype in (torch.bool, torch.long):
+            errs.append(None if torch.equal(u, v) else f"{key}: {u.tolist()} != {v.tolist()}")
+        else:
+            errs.append(compare(key, u, v, rtol, max(atol, rtol * float(v.abs().max()) if v.numel() else atol)))
+    return [e for e in errs if e]
+
+
+@pytest.mark.parametrize("name", list(CBN_CONVS))
+def test_cross_iteration_step_matches_python_path(name):
+    # seven steps of window 3 (the ring wraps twice), one of them with an empty batch; float64, so the two paths
+    # must agree to rounding in every output, gradient and history buffer
+    torch.manual_seed(3)
+    conv = CBN_CONVS[name]().double()
+    bn = syncnorm.CrossIterationBatchNorm(conv.out_channels, window=3).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    batches = _cbn_batches(conv, torch.float64, [3, 2, 4, 0, 3, 1, 2], seed=1)
+    fast, slow = _cbn_run(conv, bn, batches, False), _cbn_run(conv, bn, batches, True)
+    assert not _cbn_agree(fast, slow, 1e-10, 1e-12), _cbn_agree(fast, slow, 1e-10, 1e-12)
+    assert int(fast[3].history_filled) == 2 and bool(fast[3].history_compensable.all())
+
+
+@pytest.mark.parametrize("option", ["naive", "burn_in", "unpaired", "momentum_none", "no_affine"])
+def test_cross_iteration_step_options_match_python_path(option):
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    kwargs = {"naive": {"compensate": False}, "burn_in": {"burn_in": 3}, "momentum_none": {"momentum": None},
+              "no_affine": {"affine": False}}.get(option, {})
+    bn = syncnorm.CrossIterationBatchNorm(4, window=3, **kwargs).double()
+    batches = _cbn_batches(conv, torch.float64, [2, 3, 2, 4, 3, 2], seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unpaired layer's one warning
+        fast, slow = (_cbn_run(conv, bn, batches, python, attach=option != "unpaired") for python in (False, True))
+    assert not _cbn_agree(fast, slow, 1e-10, 1e-12), _cbn_agree(fast, slow, 1e-10, 1e-12)
+    assert int(fast[3].history_filled) == 2
+    assert bool(fast[3].history_compensable.any()) == (option not in ("naive", "unpaired"))
+
+
+@pytest.mark.parametrize("case", ["fp32-channels_last", "fp32-large-mean", "bf16-autocast"])
+def test_cross_iteration_step_low_precision_matches_python_path(case):
+    # fp32 / bf16: both paths accumulate in fp32 and agree to fp32 rounding of the statistics; the large-mean case
+    # (conv output mean ~ 300 std) takes the shifted cross sums on both paths
+    torch.manual_seed(5)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    if case == "fp32-large-mean":
+        with torch.no_grad():
+            conv.bias.fill_(300.0)
+    bn = syncnorm.CrossIterationBatchNorm(4, window=3)
+    batches = _cbn_batches(conv, torch.float32, [3, 2, 4, 3, 2], seed=3)
+    kw = {"channels_last": case == "fp32-channels_last", "autocast": case == "bf16-autocast"}
+    fast, slow = (_cbn_run(conv, bn, batches, python, lr=0.02, **kw) for python in (False, True))
+    tol = (2e-2, 2e-2) if case == "bf16-autocast" else (2e-4, 2e-5)
+    assert not _cbn_agree(fast, slow, *tol), _cbn_agree(fast, slow, *tol)
+    if kw["channels_last"]:
+        assert fast[0][0].is_contiguous(memory_format=torch.channels_last)
+    if kw["autocast"]:
+        assert fast[0][0].dtype == torch.bfloat16

@@ -732,6 +732,288 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   return {0, y, n, mean, m2, count, flag, un, umean, um2};
 }
 
+// ----------------------------------------------------------------------------------------------------------------
+// CrossIterationBatchNorm (= layers/cross_iteration.py's Python path, which stays the reference)
+// ----------------------------------------------------------------------------------------------------------------
+namespace {
+
+// sum_k a[k] * w[k], accumulated in double (w is already double).
+template <typename T>
+inline double dot64(const T* a, const double* w, int64_t n) {
+  using V = Simd<double>::V;
+  constexpr int64_t W = Simd<double>::W;
+  int64_t i = 0;
+  double t = 0;
+  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
+    V a0{}, a1{};
+    for (; i + 2 * W <= n; i += 2 * W) {
+      if constexpr (std::is_same_v<T, double>) {
+        a0 += load<V>(a + i) * load<V>(w + i);
+        a1 += load<V>(a + i + W) * load<V>(w + i + W);
+      } else {
+        typedef float F4 __attribute__((vector_size(16)));
+        a0 += __builtin_convertvector(load<F4>(a + i), V) * load<V>(w + i);
+        a1 += __builtin_convertvector(load<F4>(a + i + W), V) * load<V>(w + i + W);
+      }
+    }
+    t = hsum<double>(a0 + a1);
+  }
+  for (; i < n; ++i) t += static_cast<double>(a[i]) * w[i];
+  return t;
+}
+
+// The compensation's products with the conv's current weights, for `slots` slots of the history starting at
+// `first`: mean_out[s][c] = <dmean[first + s, group(c)], W_c> + b_c and var_out[s][c] = <dvar[first + s, c], W_c>
+// (fp64 accumulation; (S, G, K) / (S, C, K) derivatives in their dtype, W as (C, K) doubles).
+void weight_products(const Tensor& dmean, const Tensor& dvar, const Tensor& w64, const std::vector<double>& b,
+                     int64_t groups, int64_t first, int64_t slots, double* mean_out, double* var_out) {
+  const int64_t C = dvar.size(1), K = dvar.size(2), per = C / groups;
+  TORCH_CHECK(dmean.size(1) == groups && dmean.size(2) == K && w64.numel() == C * K,
+              "CrossIterationBatchNorm: history derivative buffers of shapes ", dmean.sizes(), " and ", dvar.sizes(),
+              " do not match the attached conv (groups ", groups, ", weight of ", w64.numel(), " values)");
+  const Tensor dm = dmean.contiguous(), dv = dvar.contiguous().to(dm.scalar_type());
+  const double* pw = w64.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dm.scalar_type(), "syncnorm_weight_products", [&] {
+    const scalar_t* pm = dm.const_data_ptr<scalar_t>();
+    const scalar_t* pv = dv.const_data_ptr<scalar_t>();
+    for (int64_t s = 0; s < slots; ++s) {
+      const int64_t slot = first + s;
+      for (int64_t c = 0; c < C; ++c) {
+        const double* wc = pw + c * K;
+        mean_out[s * C + c] = dot64(pm + (slot * groups + c / per) * K, wc, K) + (b.empty() ? 0.0 : b[c]);
+        var_out[s * C + c] = dot64(pv + (slot * C + c) * K, wc, K);
+      }
+    }
+  });
+}
+
+// Sum over the batch and the output positions of every input patch of a conv (per input channel and kernel tap),
+// in fp64. With S the batch-summed input, patch[c, k_1..k_d] = sum over output positions o of
+// S[c, o_1 s_1 + k_1 d_1 - p_1, ...] (taps that fall in the zero padding add nothing). The sum is separable, so it
+// is taken one spatial dim at a time (from the last): a few passes over S instead of a conv weight-gradient.
+Tensor patch_sums(const Tensor& xin, at::IntArrayRef out_size, at::IntArrayRef kernel, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t nd = static_cast<int64_t>(kernel.size());
+  const int64_t Cin = xin.size(1);
+  Tensor cur = xin.sum(0).to(at::kDouble).contiguous();  // (C_in, I_1..I_d); the batch summed in xin's dtype
+  // cur is (outer, I_j, inner) with outer = C_in * I_1..I_{j-1}, inner = k_{j+1}..k_d; becomes (outer, k_j, inner)
+  int64_t inner = 1;
+  for (int64_t j = nd - 1; j >= 0; --j) {
+    const int64_t I = xin.size(2 + j), Kj = kernel[j], O = out_size[j];
+    const int64_t outer = cur.numel() / (I * inner);
+    Tensor next = at::zeros({outer * Kj * inner}, cur.options());
+    const double* src = cur.const_data_ptr<double>();
+    double* dst = next.data_ptr<double>();
+    for (int64_t k = 0; k < Kj; ++k)
+      for (int64_t o = 0; o < O; ++o) {
+        const int64_t i = o * stride[j] + k * dilation[j] - padding[j];
+        if (i < 0 || i >= I) continue;
+        for (int64_t a = 0; a < outer; ++a) {
+          const double* from = src + (a * I + i) * inner;
+          double* to = dst + (a * Kj + k) * inner;
+          for (int64_t b = 0; b < inner; ++b) to[b] += from[b];
+        }
+      }
+    cur = next;
+    inner *= Kj;
+  }
+  return cur.view({Cin, inner});
+}
+
+// This rank's weight-gradient statistics of the conv that produced x from conv_input (= _local_grad_sums),
+// written as fp64 into out: the sum over the batch and the output positions of each input patch, per conv group
+// (G * K values), then per channel c the sum of x_c * patch (C * K values). When some channel's local mean is
+// large against its spread (mean^2 > 100 var, from the local sums in `local`), x is shifted by each channel's
+// first value k_c (sum (x - k) * patch + k * sum patch) so that the sum keeps its digits. conv_input comes padded
+// when the conv pads with a mode other than zeros (or with a string); `padding` is then 0.
+void conv_grad_sums(const Tensor& conv_input, const Tensor& x, const Tensor& conv_weight, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const double* local,
+                    double* out) {
+  const int64_t C = x.size(1), K = conv_weight.numel() / conv_weight.size(0), nd = x.dim() - 2;
+  if (x.numel() == 0) {
+    std::fill(out, out + (groups + C) * K, 0.0);
+    return;
+  }
+  at::NoGradGuard no_grad;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor xin = conv_input.detach().to(acc);
+  const Tensor y = x.detach().to(acc);
+  bool shift = false;
+  const double n = local[0];
+  for (int64_t c = 0; c < C && !shift; ++c) {
+    const double mean = local[2 + c] / n, var = local[2 + C + c] / n - mean * mean;
+    shift = mean * mean > kShiftAbove * std::max(var, 0.0);
+  }
+  Tensor k, yk = y;
+  if (shift) {
+    k = y.select(0, 0);
+    for (int64_t d = 0; d < nd; ++d) k = k.select(1, 0);  // (C,): each channel's first value
+    std::vector<int64_t> kshape(x.dim(), 1);
+    kshape[1] = C;
+    yk = y - k.view(kshape);
+  }
+  const std::vector<int64_t> zeros(nd, 0);
+  const Tensor wlike = conv_weight.scalar_type() == acc ? conv_weight.detach()
+                                                        : at::empty({1}, xin.options()).expand(conv_weight.sizes());
+  const Tensor cross = std::get<1>(at::convolution_backward(yk, xin, wlike, c10::nullopt, stride, padding, dilation,
+                                                            false, zeros, groups, {false, true, false}));
+  const Tensor p64 = patch_sums(xin, x.sizes().slice(2), conv_weight.sizes().slice(2), stride, padding, dilation);
+  const Tensor c64 = cross.to(at::kDouble).contiguous();
+  const double *pp = p64.const_data_ptr<double>(), *pc = c64.const_data_ptr<double>();
+  std::copy(pp, pp + groups * K, out);
+  double* cross_out = out + groups * K;
+  if (!shift) {
+    std::copy(pc, pc + C * K, cross_out);
+    return;
+  }
+  const Tensor k64 = k.to(at::kDouble).contiguous();
+  const double* pk = k64.const_data_ptr<double>();
+  const int64_t per = C / groups;
+  for (int64_t c = 0; c < C; ++c) {
+    const double* patch_c = pp + (c / per) * K;
+    for (int64_t j = 0; j < K; ++j) cross_out[c * K + j] = pc[c * K + j] + pk[c] * patch_c[j];
+  }
+}
+
+Tensor doubles(const Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+}  // namespace
+
+// CrossIterationBatchNorm's training forward in one call (the steps of its Python _train_forward):
+//  1. local_pack, plus (when `record` and a conv is given) the conv's weight-gradient statistics as payload;
+//  2. the forward all-reduce through the Python reducer; finish;
+//  3. (use_history, `filled` slots recorded) the pooled history, each slot compensated to the conv's current
+//     weights when a conv is given and the slot is compensable, merged with the batch;
+//  4. the fused_norm node with the merged moments; the running statistics from the batch moments (count > 0);
+//  5. (record, count > 0) the batch's moments, derivatives and their products with this step's weights written
+//     into slot history_next, which then advances; history_filled grows to at most the number of slots;
+//  6. step += 1.
+// Returns (status, y, n, mean, m2, count, flag, used_n, used_mean, used_m2) with status as window_step's
+// (1: a peer flagged an error; 2: one value per channel in the batch and the history together); nothing is
+// written when status != 0.
+std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor, Tensor> cbn_step(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t num_features,
+    double eps, int64_t reducer, const c10::optional<Tensor>& running_mean,
+    const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked, double momentum,
+    bool cumulative, const std::vector<Tensor>& history, int64_t filled, bool use_history, bool record,
+    const c10::optional<Tensor>& conv_input, const c10::optional<Tensor>& conv_weight,
+    const c10::optional<Tensor>& conv_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(history.size() == 11, "cbn_step: expected 11 history buffers");
+  const Tensor &h_count = history[0], &h_mean = history[1], &h_var = history[2], &h_mean_at = history[3],
+               &h_var_at = history[4], &h_comp = history[5], &h_dmean = history[6], &h_dvar = history[7],
+               &h_next = history[8], &h_filled = history[9], &h_step = history[10];
+  const int64_t C = num_features, slots = h_count.numel();
+  const bool conv = conv_weight.has_value() && conv_weight->defined();
+  const int64_t K = conv ? conv_weight->numel() / conv_weight->size(0) : 0;
+  const int64_t payload = conv && record ? (groups + C) * K : 0;
+  Tensor buf = local_pack(x, C);
+  if (payload) {
+    Tensor full = at::empty({buf.numel() + payload}, buf.options());
+    full.narrow(0, 0, buf.numel()).copy_(buf);
+    conv_grad_sums(*conv_input, x, *conv_weight, stride, padding, dilation, groups, buf.const_data_ptr<double>(),
+                   full.data_ptr<double>() + buf.numel());
+    buf = full;
+  }
+  if (reducer >= 0) {
+    TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
+    (*g_reducer)(buf, reducer);
+  }
+  auto [n, mean, m2, count_d, flag, ratio] = finish(buf, C, eps);
+  const int64_t count = static_cast<int64_t>(std::llround(count_d));
+  if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor()};
+
+  const Tensor w64 = conv ? doubles(conv_weight->detach()).view({C, K}) : Tensor();
+  const std::vector<double> cb = conv ? as_doubles(conv_bias, C) : std::vector<double>();
+  Tensor un = n, umean = mean, um2 = m2;
+  double prior_count = 0;
+  if (use_history && filled > 0) {
+    // the compensated, pooled history (= _compensated_prior)
+    const Tensor cnt = doubles(h_count), hm = doubles(h_mean), hv = doubles(h_var);
+    const Tensor hma = doubles(h_mean_at), hva = doubles(h_var_at);
+    const Tensor ok = h_comp.to(at::kBool).contiguous();
+    std::vector<double> tm(filled * C), tv(filled * C);
+    const double *pc = cnt.const_data_ptr<double>(), *pm = hm.const_data_ptr<double>();
+    const double *pv = hv.const_data_ptr<double>(), *pma = hma.const_data_ptr<double>();
+    const double* pva = hva.const_data_ptr<double>();
+    const bool* pok = ok.const_data_ptr<bool>();
+    if (conv) weight_products(h_dmean, h_dvar, w64, cb, groups, 0, filled, tm.data(), tv.data());
+    for (int64_t s = 0; s < filled; ++s) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = s * C + c;
+        const double dmu = conv && pok[s] ? tm[i] - pma[i] : 0.0;
+        const double dvar = conv && pok[s] ? tv[i] - pva[i] : 0.0;
+        tm[i] = pm[i] + dmu;
+        tv[i] = std::max(pv[i] + dvar - dmu * dmu, 0.0);
+      }
+    }
+    double total = 0;
+    for (int64_t s = 0; s < filled; ++s) total += pc[s];
+    Tensor pmean = f64(C, mean), pm2 = f64(C, mean);
+    double *qm = pmean.data_ptr<double>(), *qq = pm2.data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) {
+      double mu = 0;
+      for (int64_t s = 0; s < filled; ++s) mu += (pc[s] / total) * tm[s * C + c];
+      double q = 0;
+      for (int64_t s = 0; s < filled; ++s) {
+        const double dlt = tm[s * C + c] - mu;
+        q += pc[s] * (tv[s * C + c] + dlt * dlt);
+      }
+      qm[c] = mu;
+      qq[c] = q;
+    }
+    prior_count = total;
+    std::tie(un, umean, um2) = merge_moments(at::full({}, total, mean.options()), pmean, pm2, n, mean, m2);
+  }
+  const int64_t used_total = count + static_cast<int64_t>(std::llround(prior_count));
+  if (used_total == 1) return {2, Tensor(), n, mean, m2, count, flag, un, umean, um2};
+  auto [y, params] = fused_norm(x, weight, bias, umean, um2, used_total, ratio > kCenterAbove && x.numel() > 0, eps,
+                                c10::nullopt, c10::nullopt, 1.0, 0.0, reducer);
+  if (running_mean.has_value() && running_mean->defined() && count > 0)
+    update_running(*running_mean, *running_var, num_batches_tracked, mean, m2, count, momentum, cumulative);
+  at::NoGradGuard no_grad;
+  if (record && count > 0) {
+    // (= _record) the batch's global moments and, with a conv, d mu / d W = mean patch, d sigma^2 / d W =
+    // 2 (sum x * patch - mu * sum patch) / n, rounded to the buffers' dtype, and their products with this step's
+    // weights taken from the rounded values
+    const int64_t slot = h_next.item<int64_t>();
+    TORCH_CHECK(slot >= 0 && slot < slots, "cbn_step: history_next out of range");
+    h_count.select(0, slot).fill_(count_d);
+    h_mean.select(0, slot).copy_(mean);
+    h_var.select(0, slot).copy_(m2 / count_d);
+    if (conv) {
+      const double* sums = buf.const_data_ptr<double>() + 2 + 2 * C;
+      const double* patch = sums;
+      const double* cross = sums + groups * K;
+      const double* pmu = mean.const_data_ptr<double>();
+      const int64_t per = C / groups;
+      Tensor dm = f64(groups * K, mean), dv = f64(C * K, mean);
+      double *qdm = dm.data_ptr<double>(), *qdv = dv.data_ptr<double>();
+      for (int64_t j = 0; j < groups * K; ++j) qdm[j] = patch[j] / count_d;
+      for (int64_t c = 0; c < C; ++c) {
+        const double* pc = patch + (c / per) * K;
+        for (int64_t j = 0; j < K; ++j)
+          qdv[c * K + j] = 2.0 * (cross[c * K + j] - pmu[c] * pc[j]) / count_d;
+      }
+      h_dmean.select(0, slot).copy_(dm.view({groups, K}));
+      h_dvar.select(0, slot).copy_(dv.view({C, K}));
+      std::vector<double> pm(C), pv(C);
+      weight_products(h_dmean, h_dvar, w64, cb, groups, slot, 1, pm.data(), pv.data());
+      h_mean_at.select(0, slot).copy_(at::from_blob(pm.data(), {C}, mean.options()));
+      h_var_at.select(0, slot).copy_(at::from_blob(pv.data(), {C}, mean.options()));
+      h_comp.select(0, slot).fill_(true);
+    } else {
+      h_mean_at.select(0, slot).zero_();
+      h_var_at.select(0, slot).zero_();
+      h_comp.select(0, slot).fill_(false);
+    }
+    h_next.fill_((slot + 1) % slots);
+    h_filled.fill_(std::min(filled + 1, slots));
+  }
+  h_step.add_(1);
+  return {0, y, n, mean, m2, count, flag, un, umean, um2};
+}
+
 void set_reducer(py::object fn) {
   if (g_reducer == nullptr) g_reducer = new py::object();
   *g_reducer = std::move(fn);
@@ -818,6 +1100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_norm", &fused_norm);
   m.def("train_step", &train_step);
   m.def("window_step", &window_step);
+  m.def("cbn_step", &cbn_step);
   m.def("set_reducer", &set_reducer);
   m.def("shm_all_reduce", &shm_all_reduce);
 }

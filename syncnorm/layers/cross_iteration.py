@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from ..functional import NormInfo, normalize
-from ..stats import Moments, accumulation_dtype
+from .. import _ext
+from ..functional import NormInfo, _one_value_error, normalize
+from ..stats import Moments, _peer_error, accumulation_dtype
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["CrossIterationBatchNorm"]
@@ -25,6 +26,15 @@ def _capture_conv_input(conv: nn.Module, inputs: tuple, output) -> None:
     # The conv's autograd graph already keeps its input alive for backward, so holding it costs no memory.
     if conv.training or torch.is_grad_enabled():
         conv.__dict__[_CAPTURED] = inputs[0]
+
+
+def _conv_output_size(conv: _ConvNd, size: tuple[int, ...]) -> tuple[int, ...]:
+    # spatial output size of `conv` on an input of spatial size `size` (nn.Conv's shape formula)
+    if conv.padding == "same":
+        return size
+    padding = (0,) * len(size) if conv.padding == "valid" else conv.padding
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, p, d, k, s in zip(size, padding, conv.dilation, conv.kernel_size, conv.stride))
 
 
 def _remove_capture_hook(conv: nn.Module) -> None:
@@ -222,11 +232,17 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         if record and compensating:
             extra_numel = conv.weight[0].numel() * (conv.groups + self.num_features)
             if err is None:
-                try:
-                    extra = self._local_grad_sums(conv, captured, input)
-                except (RuntimeError, ValueError) as e:
-                    err = ValueError(f"{self.layer_name}: could not compute the weight-gradient statistics of the "
-                                     f"attached {type(conv).__name__}: {e}")
+                err = self._conv_input_error(conv, captured, input)
+        if err is None:
+            fast = _ext.ops_for(input)
+            if fast is not None and (self.weight is None or self.weight.is_cpu) and self.history_count.is_cpu:
+                return self._train_forward_cpu(fast, input, conv if compensating else None, captured, filled,
+                                               use_history, record)
+        if err is None and extra_numel is not None:
+            try:
+                extra = self._local_grad_sums(conv, captured, input)
+            except (RuntimeError, ValueError) as e:
+                err = self._grad_sums_error(conv, e)
         prior = self._compensated_prior(conv if compensating else None, filled) if use_history and filled else None
         y, info = normalize(
             input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
@@ -245,19 +261,70 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         self.step.add_(1)
         return y
 
+    def _train_forward_cpu(self, fast, input: torch.Tensor, conv: Optional[_ConvNd], captured, filled: int,
+                           use_history: bool, record: bool) -> torch.Tensor:
+        # The C++ kernels: the steps of the Python path below (weight-gradient statistics, the one forward
+        # all-reduce, the compensated pooled history, the fused node, running statistics, the history record and
+        # the step counter) in one call; the Python path stays the reference (tests run both).
+        if conv is None:
+            conv_args = (None, None, None, (), (), (), 1)
+        elif not record:
+            conv_args = (None, conv.weight, conv.bias, (), (), (), conv.groups)
+        else:
+            conv_input, padding = captured, conv.padding
+            if isinstance(padding, str) or conv.padding_mode != "zeros":
+                mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+                conv_input = F.pad(captured.detach(), conv._reversed_padding_repeated_twice, mode=mode)
+                padding = (0,) * (input.dim() - 2)
+            conv_args = (conv_input, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+        momentum = self.momentum
+        status, y, n, mean, m2, count, flag, un, umean, um2 = fast.cbn_step(
+            input, self.weight, self.bias, self.num_features, self.eps, _ext.reducer_key(self.process_group),
+            self.running_mean, self.running_var, self.num_batches_tracked,
+            0.0 if momentum is None else float(momentum), momentum is None,
+            [self.history_count, self.history_mean, self.history_var, self.history_mean_at, self.history_var_at,
+             self.history_compensable, self.history_dmean, self.history_dvar, self.history_next,
+             self.history_filled, self.step],
+            filled, use_history, record, *conv_args)
+        if status == 1:
+            raise _peer_error(self.layer_name, flag)
+        if status == 2:
+            raise _one_value_error(self.layer_name, input)
+        batch = Moments(n, mean, m2)
+        used = batch if un is n else Moments(un, umean, um2)
+        self.__dict__["last_info"] = NormInfo(batch=batch, used=used, global_count=count,
+                                              local_count=input.numel() // self.num_features)
+        return y
+
     # ------------------------------------------------------------------ weight-gradient statistics
+    def _grad_sums_error(self, conv: _ConvNd, e: BaseException) -> ValueError:
+        return ValueError(f"{self.layer_name}: could not compute the weight-gradient statistics of the attached "
+                          f"{type(conv).__name__}: {e}")
+
+    def _conv_input_error(self, conv: _ConvNd, conv_input: Optional[torch.Tensor],
+                          x: torch.Tensor) -> Optional[ValueError]:
+        """Why the captured conv input cannot give the weight-gradient statistics of ``x``, or None."""
+        if conv_input is None:
+            return self._grad_sums_error(conv, ValueError(
+                "the conv did not run in training mode before this layer in this step (it must feed this layer "
+                "directly)"))
+        if conv_input.shape[0] != x.shape[0] or conv_input.dim() != x.dim():
+            return self._grad_sums_error(conv, ValueError(
+                f"conv input of shape {tuple(conv_input.shape)} does not match this layer's input of shape "
+                f"{tuple(x.shape)}"))
+        expected = _conv_output_size(conv, tuple(conv_input.shape[2:]))
+        if x.shape[0] and expected != tuple(x.shape[2:]):
+            return self._grad_sums_error(conv, ValueError(
+                f"the conv maps its input of shape {tuple(conv_input.shape)} to spatial size {expected}, but this "
+                f"layer's input has shape {tuple(x.shape)}"))
+        return None
+
     def _local_grad_sums(self, conv: _ConvNd, conv_input: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """This rank's ``[sum of input patches per group, sum of x * patch per channel]`` in fp64 (flattened)."""
         groups = conv.groups
         C = self.num_features
         per_channel = conv.weight[0].numel()
         n_patch, n_cross = groups * per_channel, C * per_channel
-        if conv_input is None:
-            raise ValueError("the conv did not run in training mode before this layer in this step "
-                             "(it must feed this layer directly)")
-        if conv_input.shape[0] != x.shape[0] or conv_input.dim() != x.dim():
-            raise ValueError(f"conv input of shape {tuple(conv_input.shape)} does not match this layer's input of "
-                             f"shape {tuple(x.shape)}")
         if x.numel() == 0:
             return torch.zeros(n_patch + n_cross, dtype=_F64, device=x.device)
         with torch.no_grad():
