@@ -737,87 +737,136 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
 // ----------------------------------------------------------------------------------------------------------------
 namespace {
 
-// sum_k a[k] * w[k], accumulated in double (w is already double).
+Tensor doubles(const Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+// Four lanes of a float or double array as doubles.
 template <typename T>
-inline double dot64(const T* a, const double* w, int64_t n) {
+inline Simd<double>::V lanes64(const T* p) {
+  if constexpr (std::is_same_v<T, double>) {
+    return load<Simd<double>::V>(p);
+  } else {
+    typedef float F4 __attribute__((vector_size(16)));
+    return __builtin_convertvector(load<F4>(p), Simd<double>::V);
+  }
+}
+
+// sum_k a[k] * w[k], accumulated in double.
+template <typename T, typename U>
+inline double dot64(const T* a, const U* w, int64_t n) {
   using V = Simd<double>::V;
   constexpr int64_t W = Simd<double>::W;
   int64_t i = 0;
   double t = 0;
-  if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
+  constexpr bool simd = (std::is_same_v<T, double> || std::is_same_v<T, float>) &&
+                        (std::is_same_v<U, double> || std::is_same_v<U, float>);
+  if constexpr (simd) {
     V a0{}, a1{};
     for (; i + 2 * W <= n; i += 2 * W) {
-      if constexpr (std::is_same_v<T, double>) {
-        a0 += load<V>(a + i) * load<V>(w + i);
-        a1 += load<V>(a + i + W) * load<V>(w + i + W);
-      } else {
-        typedef float F4 __attribute__((vector_size(16)));
-        a0 += __builtin_convertvector(load<F4>(a + i), V) * load<V>(w + i);
-        a1 += __builtin_convertvector(load<F4>(a + i + W), V) * load<V>(w + i + W);
-      }
+      a0 += lanes64(a + i) * lanes64(w + i);
+      a1 += lanes64(a + i + W) * lanes64(w + i + W);
     }
     t = hsum<double>(a0 + a1);
   }
-  for (; i < n; ++i) t += static_cast<double>(a[i]) * w[i];
+  for (; i < n; ++i) t += static_cast<double>(a[i]) * static_cast<double>(w[i]);
   return t;
 }
 
 // The compensation's products with the conv's current weights, for `slots` slots of the history starting at
 // `first`: mean_out[s][c] = <dmean[first + s, group(c)], W_c> + b_c and var_out[s][c] = <dvar[first + s, c], W_c>
-// (fp64 accumulation; (S, G, K) / (S, C, K) derivatives in their dtype, W as (C, K) doubles).
-void weight_products(const Tensor& dmean, const Tensor& dvar, const Tensor& w64, const std::vector<double>& b,
+// (fp64 accumulation; (S, G, K) / (S, C, K) derivatives in their dtype, W (C_out, ...) in its own; when the two
+// dtypes differ, W is read as doubles).
+void weight_products(const Tensor& dmean, const Tensor& dvar, const Tensor& weight, const std::vector<double>& b,
                      int64_t groups, int64_t first, int64_t slots, double* mean_out, double* var_out) {
   const int64_t C = dvar.size(1), K = dvar.size(2), per = C / groups;
-  TORCH_CHECK(dmean.size(1) == groups && dmean.size(2) == K && w64.numel() == C * K,
+  TORCH_CHECK(dmean.size(1) == groups && dmean.size(2) == K && weight.numel() == C * K,
               "CrossIterationBatchNorm: history derivative buffers of shapes ", dmean.sizes(), " and ", dvar.sizes(),
-              " do not match the attached conv (groups ", groups, ", weight of ", w64.numel(), " values)");
+              " do not match the attached conv (groups ", groups, ", weight of ", weight.numel(), " values)");
   const Tensor dm = dmean.contiguous(), dv = dvar.contiguous().to(dm.scalar_type());
-  const double* pw = w64.const_data_ptr<double>();
+  const Tensor w = weight.scalar_type() == dm.scalar_type() ? weight.contiguous() : doubles(weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dm.scalar_type(), "syncnorm_weight_products", [&] {
     const scalar_t* pm = dm.const_data_ptr<scalar_t>();
     const scalar_t* pv = dv.const_data_ptr<scalar_t>();
-    for (int64_t s = 0; s < slots; ++s) {
-      const int64_t slot = first + s;
-      for (int64_t c = 0; c < C; ++c) {
-        const double* wc = pw + c * K;
-        mean_out[s * C + c] = dot64(pm + (slot * groups + c / per) * K, wc, K) + (b.empty() ? 0.0 : b[c]);
-        var_out[s * C + c] = dot64(pv + (slot * C + c) * K, wc, K);
+    auto run = [&](auto* pw) {
+      for (int64_t s = 0; s < slots; ++s) {
+        const int64_t slot = first + s;
+        for (int64_t c = 0; c < C; ++c) {
+          const auto* wc = pw + c * K;
+          mean_out[s * C + c] = dot64(pm + (slot * groups + c / per) * K, wc, K) + (b.empty() ? 0.0 : b[c]);
+          var_out[s * C + c] = dot64(pv + (slot * C + c) * K, wc, K);
+        }
       }
-    }
+    };
+    if (w.scalar_type() == at::kDouble)
+      run(w.const_data_ptr<double>());
+    else
+      run(w.const_data_ptr<scalar_t>());
   });
 }
 
 // Sum over the batch and the output positions of every input patch of a conv (per input channel and kernel tap),
 // in fp64. With S the batch-summed input, patch[c, k_1..k_d] = sum over output positions o of
 // S[c, o_1 s_1 + k_1 d_1 - p_1, ...] (taps that fall in the zero padding add nothing). The sum is separable, so it
-// is taken one spatial dim at a time (from the last): a few passes over S instead of a conv weight-gradient.
+// is taken one spatial dim at a time, from the first (the inner loops then run over the contiguous remaining
+// dims): a few passes over S instead of a conv weight-gradient.
 Tensor patch_sums(const Tensor& xin, at::IntArrayRef out_size, at::IntArrayRef kernel, at::IntArrayRef stride,
                   at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t nd = static_cast<int64_t>(kernel.size());
   const int64_t Cin = xin.size(1);
-  Tensor cur = xin.sum(0).to(at::kDouble).contiguous();  // (C_in, I_1..I_d); the batch summed in xin's dtype
-  // cur is (outer, I_j, inner) with outer = C_in * I_1..I_{j-1}, inner = k_{j+1}..k_d; becomes (outer, k_j, inner)
-  int64_t inner = 1;
-  for (int64_t j = nd - 1; j >= 0; --j) {
+  // the batch-summed input (C_in, I_1..I_d) in fp64, read in xin's memory order
+  const int64_t N = xin.size(0), CS = xin.numel() / std::max<int64_t>(N, 1), S = CS / std::max<int64_t>(Cin, 1);
+  const bool cl = !xin.is_contiguous() && xin.is_contiguous(memory_format(xin));
+  const Tensor src_x = cl || xin.is_contiguous() ? xin : xin.contiguous();
+  std::vector<double> summed(CS, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(src_x.scalar_type(), "syncnorm_patch_sums", [&] {
+    const scalar_t* p = src_x.const_data_ptr<scalar_t>();
+    double* q = summed.data();
+    for (int64_t n = 0; n < N; ++n, p += CS)
+      for (int64_t j = 0; j < CS; ++j) q[j] += static_cast<double>(p[j]);
+  });
+  Tensor cur = at::empty({CS}, xin.options().dtype(at::kDouble));
+  double* pcur = cur.data_ptr<double>();
+  if (cl) {  // summed is (I_1..I_d, C_in)
+    for (int64_t i = 0; i < S; ++i)
+      for (int64_t c = 0; c < Cin; ++c) pcur[c * S + i] = summed[i * Cin + c];
+  } else {
+    std::copy(summed.begin(), summed.end(), pcur);
+  }
+  // cur is (outer, I_j, inner) with outer = C_in * k_1..k_{j-1} and inner = I_{j+1}..I_d; it becomes
+  // (outer, k_j, inner)
+  int64_t outer = Cin;
+  for (int64_t j = 0; j < nd; ++j) {
     const int64_t I = xin.size(2 + j), Kj = kernel[j], O = out_size[j];
-    const int64_t outer = cur.numel() / (I * inner);
+    const int64_t st = stride[j], dil = dilation[j], pad = padding[j];
+    const int64_t inner = cur.numel() / (outer * I);
     Tensor next = at::zeros({outer * Kj * inner}, cur.options());
     const double* src = cur.const_data_ptr<double>();
     double* dst = next.data_ptr<double>();
-    for (int64_t k = 0; k < Kj; ++k)
-      for (int64_t o = 0; o < O; ++o) {
-        const int64_t i = o * stride[j] + k * dilation[j] - padding[j];
-        if (i < 0 || i >= I) continue;
-        for (int64_t a = 0; a < outer; ++a) {
-          const double* from = src + (a * I + i) * inner;
-          double* to = dst + (a * Kj + k) * inner;
-          for (int64_t b = 0; b < inner; ++b) to[b] += from[b];
+    for (int64_t k = 0; k < Kj; ++k) {
+      // output positions o whose tap k reads inside the input: 0 <= o * st + k * dil - pad < I
+      const int64_t need = pad - k * dil;  // o * st >= need
+      const int64_t lo = need > 0 ? (need + st - 1) / st : 0;
+      const int64_t top = I - 1 + pad - k * dil;  // o * st <= top
+      const int64_t hi = top < 0 ? -1 : std::min(O - 1, top / st);
+      if (hi < lo) continue;
+      const int64_t i0 = lo * st + k * dil - pad;  // first input position read
+      for (int64_t a = 0; a < outer; ++a) {
+        double* to = dst + (a * Kj + k) * inner;
+        if (inner == 1) {
+          const double* from = src + a * I + i0;
+          double t = 0;
+          for (int64_t o = lo; o <= hi; ++o, from += st) t += *from;
+          *to = t;
+        } else {
+          const double* from = src + (a * I + i0) * inner;
+          for (int64_t o = lo; o <= hi; ++o, from += st * inner)
+            for (int64_t b = 0; b < inner; ++b) to[b] += from[b];
         }
       }
+    }
     cur = next;
-    inner *= Kj;
+    outer *= Kj;
   }
-  return cur.view({Cin, inner});
+  return cur.view({Cin, outer / Cin});
 }
 
 // This rank's weight-gradient statistics of the conv that produced x from conv_input (= _local_grad_sums),
@@ -858,24 +907,23 @@ void conv_grad_sums(const Tensor& conv_input, const Tensor& x, const Tensor& con
   const Tensor cross = std::get<1>(at::convolution_backward(yk, xin, wlike, c10::nullopt, stride, padding, dilation,
                                                             false, zeros, groups, {false, true, false}));
   const Tensor p64 = patch_sums(xin, x.sizes().slice(2), conv_weight.sizes().slice(2), stride, padding, dilation);
-  const Tensor c64 = cross.to(at::kDouble).contiguous();
-  const double *pp = p64.const_data_ptr<double>(), *pc = c64.const_data_ptr<double>();
+  const Tensor cc = cross.contiguous();
+  const double* pp = p64.const_data_ptr<double>();
   std::copy(pp, pp + groups * K, out);
   double* cross_out = out + groups * K;
-  if (!shift) {
-    std::copy(pc, pc + C * K, cross_out);
-    return;
-  }
-  const Tensor k64 = k.to(at::kDouble).contiguous();
-  const double* pk = k64.const_data_ptr<double>();
+  const Tensor k64 = shift ? k.to(at::kDouble).contiguous() : Tensor();
+  const double* pk = shift ? k64.const_data_ptr<double>() : nullptr;
   const int64_t per = C / groups;
-  for (int64_t c = 0; c < C; ++c) {
-    const double* patch_c = pp + (c / per) * K;
-    for (int64_t j = 0; j < K; ++j) cross_out[c * K + j] = pc[c * K + j] + pk[c] * patch_c[j];
-  }
+  AT_DISPATCH_FLOATING_TYPES(cc.scalar_type(), "syncnorm_conv_grad_sums", [&] {
+    const scalar_t* pc = cc.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double* patch_c = pp + (c / per) * K;
+      const double kc = shift ? pk[c] : 0.0;
+      for (int64_t j = 0; j < K; ++j) cross_out[c * K + j] = static_cast<double>(pc[c * K + j]) + kc * patch_c[j];
+    }
+  });
 }
 
-Tensor doubles(const Tensor& t) { return t.to(at::kDouble).contiguous(); }
 
 }  // namespace
 
@@ -923,7 +971,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
   if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor()};
 
-  const Tensor w64 = conv ? doubles(conv_weight->detach()).view({C, K}) : Tensor();
+  const Tensor cw = conv ? conv_weight->detach() : Tensor();
   const std::vector<double> cb = conv ? as_doubles(conv_bias, C) : std::vector<double>();
   Tensor un = n, umean = mean, um2 = m2;
   double prior_count = 0;
@@ -937,7 +985,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     const double *pv = hv.const_data_ptr<double>(), *pma = hma.const_data_ptr<double>();
     const double* pva = hva.const_data_ptr<double>();
     const bool* pok = ok.const_data_ptr<bool>();
-    if (conv) weight_products(h_dmean, h_dvar, w64, cb, groups, 0, filled, tm.data(), tv.data());
+    if (conv) weight_products(h_dmean, h_dvar, cw, cb, groups, 0, filled, tm.data(), tv.data());
     for (int64_t s = 0; s < filled; ++s) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = s * C + c;
@@ -978,33 +1026,56 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     // weights taken from the rounded values
     const int64_t slot = h_next.item<int64_t>();
     TORCH_CHECK(slot >= 0 && slot < slots, "cbn_step: history_next out of range");
+    // the per-channel rows: straight into fp64 buffers (the layer's own), through ATen for any other dtype
+    auto put = [&](const Tensor& buf, const double* row) {
+      if (buf.scalar_type() == at::kDouble && buf.is_contiguous())
+        std::copy(row, row + C, buf.data_ptr<double>() + slot * C);
+      else
+        buf.select(0, slot).copy_(at::from_blob(const_cast<double*>(row), {C}, mean.options()));
+    };
     h_count.select(0, slot).fill_(count_d);
-    h_mean.select(0, slot).copy_(mean);
-    h_var.select(0, slot).copy_(m2 / count_d);
+    put(h_mean, mean.const_data_ptr<double>());
+    std::vector<double> row(C);
+    const double* pq = m2.const_data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) row[c] = pq[c] / count_d;
+    put(h_var, row.data());
     if (conv) {
       const double* sums = buf.const_data_ptr<double>() + 2 + 2 * C;
       const double* patch = sums;
       const double* cross = sums + groups * K;
       const double* pmu = mean.const_data_ptr<double>();
       const int64_t per = C / groups;
-      Tensor dm = f64(groups * K, mean), dv = f64(C * K, mean);
-      double *qdm = dm.data_ptr<double>(), *qdv = dv.data_ptr<double>();
-      for (int64_t j = 0; j < groups * K; ++j) qdm[j] = patch[j] / count_d;
-      for (int64_t c = 0; c < C; ++c) {
-        const double* pc = patch + (c / per) * K;
-        for (int64_t j = 0; j < K; ++j)
-          qdv[c * K + j] = 2.0 * (cross[c * K + j] - pmu[c] * pc[j]) / count_d;
+      auto fill = [&](auto* qdm, auto* qdv) {
+        using T = std::remove_pointer_t<decltype(qdm)>;
+        for (int64_t j = 0; j < groups * K; ++j) qdm[j] = static_cast<T>(patch[j] / count_d);
+        for (int64_t c = 0; c < C; ++c) {
+          const double* pc = patch + (c / per) * K;
+          for (int64_t j = 0; j < K; ++j)
+            qdv[c * K + j] = static_cast<T>(2.0 * (cross[c * K + j] - pmu[c] * pc[j]) / count_d);
+        }
+      };
+      TORCH_CHECK(h_dmean.numel() == slots * groups * K && h_dvar.numel() == slots * C * K,
+                  "CrossIterationBatchNorm: history derivative buffers of shapes ", h_dmean.sizes(), " and ",
+                  h_dvar.sizes(), " do not match the attached conv");
+      if (h_dmean.is_contiguous() && h_dvar.is_contiguous() && h_dmean.scalar_type() == h_dvar.scalar_type()) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_dvar.scalar_type(), "syncnorm_record", [&] {
+          fill(h_dmean.data_ptr<scalar_t>() + slot * groups * K, h_dvar.data_ptr<scalar_t>() + slot * C * K);
+        });
+      } else {
+        Tensor dm = f64(groups * K, mean), dv = f64(C * K, mean);
+        fill(dm.data_ptr<double>(), dv.data_ptr<double>());
+        h_dmean.select(0, slot).copy_(dm.view({groups, K}));
+        h_dvar.select(0, slot).copy_(dv.view({C, K}));
       }
-      h_dmean.select(0, slot).copy_(dm.view({groups, K}));
-      h_dvar.select(0, slot).copy_(dv.view({C, K}));
       std::vector<double> pm(C), pv(C);
-      weight_products(h_dmean, h_dvar, w64, cb, groups, slot, 1, pm.data(), pv.data());
-      h_mean_at.select(0, slot).copy_(at::from_blob(pm.data(), {C}, mean.options()));
-      h_var_at.select(0, slot).copy_(at::from_blob(pv.data(), {C}, mean.options()));
+      weight_products(h_dmean, h_dvar, cw, cb, groups, slot, 1, pm.data(), pv.data());
+      put(h_mean_at, pm.data());
+      put(h_var_at, pv.data());
       h_comp.select(0, slot).fill_(true);
     } else {
-      h_mean_at.select(0, slot).zero_();
-      h_var_at.select(0, slot).zero_();
+      std::fill(row.begin(), row.end(), 0.0);
+      put(h_mean_at, row.data());
+      put(h_var_at, row.data());
       h_comp.select(0, slot).fill_(false);
     }
     h_next.fill_((slot + 1) % slots);

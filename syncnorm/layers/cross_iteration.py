@@ -220,7 +220,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         conv = self.paired_conv
         captured = conv.__dict__.pop(_CAPTURED, None) if conv is not None else None
         slots = self.window - 1
-        step, filled = (int(v) for v in torch.stack([self.step, self.history_filled]).tolist())
+        step, filled = int(self.step), int(self.history_filled)
         use_history = slots > 0 and step >= self.burn_in
         record = slots > 0 and step >= self.burn_in - slots
         if slots > 0 and self.compensate and conv is None and not self._warned_unpaired:
