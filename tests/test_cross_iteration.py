@@ -332,6 +332,42 @@ def test_state_dict_keys_eval_and_errors():
         bn(torch.randn(2, C, 3, 3))
 
 
+@pytest.mark.parametrize("python", [False, True], ids=["kernels", "python"])
+def test_conv_input_errors_and_corrupt_fill_count(python, monkeypatch):
+    previous = _ext.set_enabled(not python)
+    try:
+        # an unbatched conv input (nn.Conv1d/2d accept one) gives a clear error, on either path
+        conv = nn.Conv1d(C, C, 3, padding=1)
+        bn = CBN(C, window=3).attach(conv)
+        with pytest.raises(ValueError, match=r"ran on an unbatched input of shape \(4, 4\)"):
+            bn(conv(torch.randn(C, C)))
+        assert int(bn.step) == 0 and int(bn.history_filled) == 0
+        # a failure that slips past the checks is still reported as the layer's error (the rank joins the
+        # collective first: see the distributed test)
+        monkeypatch.setattr(CBN, "_conv_input_error", lambda self, conv, conv_input, x: None)
+        with pytest.raises(ValueError, match="could not compute the weight-gradient statistics of the attached Conv1d"):
+            bn(conv(torch.randn(C, C)))
+        assert int(bn.step) == 0
+        monkeypatch.undo()
+        # a checkpoint whose fill count is out of range is read as a full history, not past the buffers' end
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, C, 3).double()
+        bn = CBN(C, window=3).double().attach(conv)
+        for _ in range(2):
+            bn(conv(torch.randn(2, 3, 6, 6, dtype=torch.float64)))
+        state = bn.state_dict()
+        outs = []
+        for filled in (2, 10**7):
+            twin_conv = copy.deepcopy(conv)
+            twin = CBN(C, window=3).double()
+            twin.load_state_dict({**state, "history_filled": torch.tensor(filled)})
+            twin.attach(twin_conv)
+            outs.append(twin(twin_conv(torch.ones(2, 3, 6, 6, dtype=torch.float64))))
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    finally:
+        _ext.set_enabled(previous)
+
+
 def test_pairing_keeps_no_cycles_and_follows_deepcopy():
     net = _Net()
     net(torch.randn(2, 3, 8, 8))
@@ -471,6 +507,33 @@ def _ledger_checks(rank, world, results):
     results["ledger"] = entries
 
 
+def _grad_sums_failure_checks(rank, world, results):
+    # rank 0's weight-gradient statistics fail in a way the input checks do not catch (an unbatched conv input with
+    # the checks switched off): it must still join the forward all-reduce, so every other rank raises
+    # PeerInputError instead of waiting, on both paths
+    from syncnorm.stats import PeerInputError
+
+    for python in (False, True):
+        previous = _ext.set_enabled(not python)
+        original = CBN._conv_input_error
+        CBN._conv_input_error = lambda self, conv, conv_input, x: None
+        try:
+            conv = nn.Conv1d(C, C, 3, padding=1)
+            bn = CBN(C, window=3).attach(conv)
+            x = torch.randn(C, C) if rank == 0 else torch.randn(C, C, 6)
+            try:
+                bn(conv(x))
+                outcome = "no error"
+            except PeerInputError:
+                outcome = "peer"
+            except ValueError as e:
+                outcome = "own" if "could not compute the weight-gradient statistics" in str(e) else repr(e)
+        finally:
+            CBN._conv_input_error = original
+            _ext.set_enabled(previous)
+        results[f"grad-sums-failure-{'python' if python else 'kernels'}"] = outcome
+
+
 def _world_worker(rank, world):
     results = {}
     solo = syncnorm.comm.new_groups(1)  # the single-process references run on each rank without syncing
@@ -482,6 +545,7 @@ def _world_worker(rank, world):
         _ext.set_enabled(previous)
     _cmbn_oracle(rank, world, results, solo)
     _ledger_checks(rank, world, results)
+    _grad_sums_failure_checks(rank, world, results)
     return results
 
 
@@ -518,3 +582,10 @@ def test_distributed_one_collective_per_layer(world_results):
         assert [e[1] for e in fwd] == [2 * C + 2 + payload, 2 * C + 2], fwd
         assert [e[0] for e in bwd] == ["all_reduce_sum"] * 2 and [e[1] for e in bwd] == [2 * C] * 2, bwd
     assert ledgers[0][3] == ([], [])
+
+
+def test_distributed_grad_sums_failure_raises_everywhere(world_results):
+    _, results = world_results
+    for path in ("kernels", "python"):
+        outcomes = [r[f"grad-sums-failure-{path}"] for r in results]
+        assert outcomes == ["own"] + ["peer"] * (len(results) - 1), (path, outcomes)

@@ -614,6 +614,7 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
     auto [y, params] = forward_apply(x, mean64, m2_64, total, center, nonempty_or_none(weight),
                                      nonempty_or_none(bias), eps, running_mean, running_var, r_max, d_max);
     ctx->save_for_backward({x, params});
+    ctx->set_materialize_grads(false);  // no zero-filled grad for the non-differentiable params output
     ctx->saved_data["total"] = total;
     ctx->saved_data["reducer"] = reducer;
     ctx->saved_data["w_dtype"] = weight.numel() ? static_cast<int64_t>(weight.scalar_type()) : int64_t(-1);
@@ -778,6 +779,8 @@ inline double dot64(const T* a, const U* w, int64_t n) {
 void weight_products(const Tensor& dmean, const Tensor& dvar, const Tensor& weight, const std::vector<double>& b,
                      int64_t groups, int64_t first, int64_t slots, double* mean_out, double* var_out) {
   const int64_t C = dvar.size(1), K = dvar.size(2), per = C / groups;
+  TORCH_CHECK(first >= 0 && first + slots <= dvar.size(0) && dmean.size(0) == dvar.size(0),
+              "CrossIterationBatchNorm: history slots ", first, "..", first + slots, " out of range");
   TORCH_CHECK(dmean.size(1) == groups && dmean.size(2) == K && weight.numel() == C * K,
               "CrossIterationBatchNorm: history derivative buffers of shapes ", dmean.sizes(), " and ", dvar.sizes(),
               " do not match the attached conv (groups ", groups, ", weight of ", weight.numel(), " values)");
@@ -936,10 +939,11 @@ void conv_grad_sums(const Tensor& conv_input, const Tensor& x, const Tensor& con
 //  5. (record, count > 0) the batch's moments, derivatives and their products with this step's weights written
 //     into slot history_next, which then advances; history_filled grows to at most the number of slots;
 //  6. step += 1.
-// Returns (status, y, n, mean, m2, count, flag, used_n, used_mean, used_m2) with status as window_step's
-// (1: a peer flagged an error; 2: one value per channel in the batch and the history together); nothing is
-// written when status != 0.
-std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor, Tensor> cbn_step(
+// Returns (status, y, n, mean, m2, count, flag, used_n, used_mean, used_m2, message) with status 0 (done), 1 (a
+// peer flagged an error), 2 (one value per channel in the batch and the history together) or 3 (the weight-gradient
+// statistics failed on this rank, `message` says why: the rank still joined the collective, with the error flag set,
+// so its peers return status 1 instead of waiting). Nothing is written when status != 0.
+std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor, Tensor, std::string> cbn_step(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t num_features,
     double eps, int64_t reducer, const c10::optional<Tensor>& running_mean,
     const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked, double momentum,
@@ -952,15 +956,27 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
                &h_var_at = history[4], &h_comp = history[5], &h_dmean = history[6], &h_dvar = history[7],
                &h_next = history[8], &h_filled = history[9], &h_step = history[10];
   const int64_t C = num_features, slots = h_count.numel();
+  filled = std::clamp<int64_t>(filled, 0, slots);  // a hand-edited checkpoint must not make the loops overrun
   const bool conv = conv_weight.has_value() && conv_weight->defined();
   const int64_t K = conv ? conv_weight->numel() / conv_weight->size(0) : 0;
   const int64_t payload = conv && record ? (groups + C) * K : 0;
   Tensor buf = local_pack(x, C);
+  std::string failure;  // why the weight-gradient statistics could not be computed on this rank
   if (payload) {
     Tensor full = at::empty({buf.numel() + payload}, buf.options());
     full.narrow(0, 0, buf.numel()).copy_(buf);
-    conv_grad_sums(*conv_input, x, *conv_weight, stride, padding, dilation, groups, buf.const_data_ptr<double>(),
-                   full.data_ptr<double>() + buf.numel());
+    try {
+      conv_grad_sums(*conv_input, x, *conv_weight, stride, padding, dilation, groups, buf.const_data_ptr<double>(),
+                     full.data_ptr<double>() + buf.numel());
+    } catch (const c10::Error& e) {
+      failure = e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      failure = e.what();
+    }
+    if (!failure.empty()) {  // still join the collective, as an invalid input would: count 0, error flag set
+      full.zero_();
+      full.data_ptr<double>()[1] = 1.0;
+    }
     buf = full;
   }
   if (reducer >= 0) {
@@ -969,7 +985,8 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   }
   auto [n, mean, m2, count_d, flag, ratio] = finish(buf, C, eps);
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
-  if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor()};
+  if (!failure.empty()) return {3, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor(), failure};
+  if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor(), ""};
 
   const Tensor cw = conv ? conv_weight->detach() : Tensor();
   const std::vector<double> cb = conv ? as_doubles(conv_bias, C) : std::vector<double>();
@@ -1014,7 +1031,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     std::tie(un, umean, um2) = merge_moments(at::full({}, total, mean.options()), pmean, pm2, n, mean, m2);
   }
   const int64_t used_total = count + static_cast<int64_t>(std::llround(prior_count));
-  if (used_total == 1) return {2, Tensor(), n, mean, m2, count, flag, un, umean, um2};
+  if (used_total == 1) return {2, Tensor(), n, mean, m2, count, flag, un, umean, um2, ""};
   auto [y, params] = fused_norm(x, weight, bias, umean, um2, used_total, ratio > kCenterAbove && x.numel() > 0, eps,
                                 c10::nullopt, c10::nullopt, 1.0, 0.0, reducer);
   if (running_mean.has_value() && running_mean->defined() && count > 0)
@@ -1082,7 +1099,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     h_filled.fill_(std::min(filled + 1, slots));
   }
   h_step.add_(1);
-  return {0, y, n, mean, m2, count, flag, un, umean, um2};
+  return {0, y, n, mean, m2, count, flag, un, umean, um2, ""};
 }
 
 void set_reducer(py::object fn) {

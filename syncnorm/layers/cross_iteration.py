@@ -220,7 +220,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         conv = self.paired_conv
         captured = conv.__dict__.pop(_CAPTURED, None) if conv is not None else None
         slots = self.window - 1
-        step, filled = int(self.step), int(self.history_filled)
+        step, filled = int(self.step), min(max(int(self.history_filled), 0), self.window - 1)
         use_history = slots > 0 and step >= self.burn_in
         record = slots > 0 and step >= self.burn_in - slots
         if slots > 0 and self.compensate and conv is None and not self._warned_unpaired:
@@ -278,7 +278,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
                 padding = (0,) * (input.dim() - 2)
             conv_args = (conv_input, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
         momentum = self.momentum
-        status, y, n, mean, m2, count, flag, un, umean, um2 = fast.cbn_step(
+        status, y, n, mean, m2, count, flag, un, umean, um2, message = fast.cbn_step(
             input, self.weight, self.bias, self.num_features, self.eps, _ext.reducer_key(self.process_group),
             self.running_mean, self.running_var, self.num_batches_tracked,
             0.0 if momentum is None else float(momentum), momentum is None,
@@ -286,6 +286,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
              self.history_compensable, self.history_dmean, self.history_dvar, self.history_next,
              self.history_filled, self.step],
             filled, use_history, record, *conv_args)
+        if status == 3:
+            raise self._grad_sums_error(conv, RuntimeError(message))
         if status == 1:
             raise _peer_error(self.layer_name, flag)
         if status == 2:
@@ -308,6 +310,10 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             return self._grad_sums_error(conv, ValueError(
                 "the conv did not run in training mode before this layer in this step (it must feed this layer "
                 "directly)"))
+        if conv_input.dim() != conv.weight.dim():
+            return self._grad_sums_error(conv, ValueError(
+                f"the conv ran on an unbatched input of shape {tuple(conv_input.shape)}; expected a batched input "
+                f"with {conv.weight.dim()} dims"))
         if conv_input.shape[0] != x.shape[0] or conv_input.dim() != x.dim():
             return self._grad_sums_error(conv, ValueError(
                 f"conv input of shape {tuple(conv_input.shape)} does not match this layer's input of shape "
