@@ -738,7 +738,19 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
 // ----------------------------------------------------------------------------------------------------------------
 namespace {
 
-Tensor doubles(const Tensor& t) { return t.to(at::kDouble).contiguous(); }
+Tensor doubles(const Tensor& t) {
+  return t.scalar_type() == at::kDouble && t.is_contiguous() ? t : t.to(at::kDouble).contiguous();
+}
+
+// Element i of a 1-d (or 0-d, i = 0) buffer set to v: in place when it has dtype T and is contiguous (the layer's
+// own buffers), through ATen otherwise.
+template <typename T>
+void set_element(const Tensor& t, int64_t i, T v) {
+  if (t.scalar_type() == c10::CppTypeToScalarType<T>::value && t.is_contiguous())
+    t.data_ptr<T>()[i] = v;
+  else
+    (t.dim() ? t.select(0, i) : t).fill_(v);
+}
 
 // Four lanes of a float or double array as doubles.
 template <typename T>
@@ -964,7 +976,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   std::string failure;  // why the weight-gradient statistics could not be computed on this rank
   if (payload) {
     Tensor full = at::empty({buf.numel() + payload}, buf.options());
-    full.narrow(0, 0, buf.numel()).copy_(buf);
+    std::copy(buf.const_data_ptr<double>(), buf.const_data_ptr<double>() + buf.numel(), full.data_ptr<double>());
     try {
       conv_grad_sums(*conv_input, x, *conv_weight, stride, padding, dilation, groups, buf.const_data_ptr<double>(),
                      full.data_ptr<double>() + buf.numel());
@@ -996,7 +1008,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     // the compensated, pooled history (= _compensated_prior)
     const Tensor cnt = doubles(h_count), hm = doubles(h_mean), hv = doubles(h_var);
     const Tensor hma = doubles(h_mean_at), hva = doubles(h_var_at);
-    const Tensor ok = h_comp.to(at::kBool).contiguous();
+    const Tensor ok = h_comp.scalar_type() == at::kBool && h_comp.is_contiguous() ? h_comp : h_comp.to(at::kBool).contiguous();
     std::vector<double> tm(filled * C), tv(filled * C);
     const double *pc = cnt.const_data_ptr<double>(), *pm = hm.const_data_ptr<double>();
     const double *pv = hv.const_data_ptr<double>(), *pma = hma.const_data_ptr<double>();
@@ -1041,7 +1053,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     // (= _record) the batch's global moments and, with a conv, d mu / d W = mean patch, d sigma^2 / d W =
     // 2 (sum x * patch - mu * sum patch) / n, rounded to the buffers' dtype, and their products with this step's
     // weights taken from the rounded values
-    const int64_t slot = h_next.item<int64_t>();
+    const int64_t slot = h_next.scalar_type() == at::kLong ? *h_next.const_data_ptr<int64_t>() : h_next.item<int64_t>();
     TORCH_CHECK(slot >= 0 && slot < slots, "cbn_step: history_next out of range");
     // the per-channel rows: straight into fp64 buffers (the layer's own), through ATen for any other dtype
     auto put = [&](const Tensor& buf, const double* row) {
@@ -1050,7 +1062,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
       else
         buf.select(0, slot).copy_(at::from_blob(const_cast<double*>(row), {C}, mean.options()));
     };
-    h_count.select(0, slot).fill_(count_d);
+    set_element<double>(h_count, slot, count_d);
     put(h_mean, mean.const_data_ptr<double>());
     std::vector<double> row(C);
     const double* pq = m2.const_data_ptr<double>();
@@ -1088,17 +1100,20 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
       weight_products(h_dmean, h_dvar, cw, cb, groups, slot, 1, pm.data(), pv.data());
       put(h_mean_at, pm.data());
       put(h_var_at, pv.data());
-      h_comp.select(0, slot).fill_(true);
+      set_element<bool>(h_comp, slot, true);
     } else {
       std::fill(row.begin(), row.end(), 0.0);
       put(h_mean_at, row.data());
       put(h_var_at, row.data());
-      h_comp.select(0, slot).fill_(false);
+      set_element<bool>(h_comp, slot, false);
     }
-    h_next.fill_((slot + 1) % slots);
-    h_filled.fill_(std::min(filled + 1, slots));
+    set_element<int64_t>(h_next, 0, (slot + 1) % slots);
+    set_element<int64_t>(h_filled, 0, std::min(filled + 1, slots));
   }
-  h_step.add_(1);
+  if (h_step.scalar_type() == at::kLong)
+    set_element<int64_t>(h_step, 0, *h_step.const_data_ptr<int64_t>() + 1);
+  else
+    h_step.add_(1);
   return {0, y, n, mean, m2, count, flag, un, umean, um2, ""};
 }
 

@@ -19,6 +19,9 @@ __all__ = ["CrossIterationBatchNorm"]
 
 _F64 = torch.float64
 _CAPTURED = "_syncnorm_cbn_input"  # attribute of the conv holding its last training input until the norm reads it
+# the history buffers in the order the C++ step (cbn_step in syncnorm/csrc/norm_cpu.cpp) takes them
+_HISTORY_ORDER = ("history_count", "history_mean", "history_var", "history_mean_at", "history_var_at",
+                  "history_compensable", "history_dmean", "history_dvar", "history_next", "history_filled", "step")
 
 
 def _capture_conv_input(conv: nn.Module, inputs: tuple, output) -> None:
@@ -278,14 +281,12 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
                 padding = (0,) * (input.dim() - 2)
             conv_args = (conv_input, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
         momentum = self.momentum
+        b, p = self._buffers, self._parameters  # plain dict reads (nn.Module.__getattr__ is slow on this hot path)
         status, y, n, mean, m2, count, flag, un, umean, um2, message = fast.cbn_step(
-            input, self.weight, self.bias, self.num_features, self.eps, _ext.reducer_key(self.process_group),
-            self.running_mean, self.running_var, self.num_batches_tracked,
+            input, p["weight"], p["bias"], self.num_features, self.eps, _ext.reducer_key(self.process_group),
+            b["running_mean"], b["running_var"], b["num_batches_tracked"],
             0.0 if momentum is None else float(momentum), momentum is None,
-            [self.history_count, self.history_mean, self.history_var, self.history_mean_at, self.history_var_at,
-             self.history_compensable, self.history_dmean, self.history_dvar, self.history_next,
-             self.history_filled, self.step],
-            filled, use_history, record, *conv_args)
+            [b[name] for name in _HISTORY_ORDER], filled, use_history, record, *conv_args)
         if status == 3:
             raise self._grad_sums_error(conv, RuntimeError(message))
         if status == 1:
