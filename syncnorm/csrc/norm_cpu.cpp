@@ -21,6 +21,10 @@
 //
 // Layouts: contiguous (N, C, *) and channels_last / channels_last_3d (and (N, C) 2-d input, which is (N, 1, C)).
 // Anything else is made contiguous first. Nothing here touches torch.distributed.
+//
+// One call per training forward: train_step (SyncBatchNorm, BatchRenorm), window_step (CrossMiniBatchNorm) and
+// cbn_step (CrossIterationBatchNorm: also the conv's weight-gradient statistics, the compensated history and its
+// record), each issuing its one forward all-reduce through the Python reducer.
 
 #include <torch/extension.h>
 

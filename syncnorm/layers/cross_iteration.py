@@ -71,7 +71,11 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     2 x / M``. Both are computed under ``no_grad`` from the conv input captured by a forward hook, as local sums,
     and summed over ranks **in the same forward all-reduce** as the batch statistics, so every rank holds an
     identical history. Grouped, depthwise, strided, dilated and padded (any ``padding_mode``, ``'same'``) Conv1d,
-    Conv2d and Conv3d are supported; transposed convs are refused.
+    Conv2d and Conv3d are supported; transposed convs and unbatched conv inputs are refused. On CPU (with the C++
+    kernels, see :mod:`syncnorm._ext`) the whole training forward is one C++ call that computes the same
+    quantities (the input-patch sums by separable passes over the batch-summed input, not by a conv); if the
+    weight-gradient statistics fail there, the rank still joins the collective with an error flag, so its peers
+    raise :class:`syncnorm.stats.PeerInputError` rather than wait.
 
     **Pairing.** :meth:`attach` names the conv whose output this layer normalises (``syncnorm.convert`` does it for
     every conv -> norm pair). A layer with ``compensate=True`` and ``window > 1`` but no attached conv falls back to
@@ -99,7 +103,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     **Cost.** One all-reduce in forward of ``2C + 2`` fp64 values plus, while compensation records history,
     ``C_in * prod(kernel) + weight.numel()`` fp64 values (``8 *`` that many bytes); one in backward of ``2C``
     values, whatever the world size. Extra memory: ``window - 1`` copies of the conv weight (in its dtype) plus
-    O(window * C) fp64 values; extra compute: one conv weight-gradient per step.
+    O(window * C) fp64 values; extra compute: one conv weight-gradient per step (as much as the conv's forward)
+    plus O(window * weight.numel()) for the compensation.
 
     Args:
         num_features: C, the number of channels (the attached conv's ``out_channels``).
