@@ -134,7 +134,7 @@ _groups: dict[int, Any] = {}
 
 def reducer_key(group: Any) -> int:
     """Key of ``group`` for the fused node's backward all-reduce; -1 when ``group`` has a single rank."""
-    if comm.get_world_size(group) == 1:
+    if comm._route(group)[0] == 1:  # the group's cached size (this runs once per layer per training forward)
         return -1
     key = 0 if group is None else id(group) & 0x7FFFFFFFFFFFFFFF
     _groups[key] = group  # also keeps the group alive, so its id is not reused

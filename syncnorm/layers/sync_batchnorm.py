@@ -169,8 +169,9 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         name = self.layer_name
+        p, b = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
         y, info = train_step(
-            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            input, p["weight"], p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"],
             eps=self.eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
             layer_name=name, error=check_input(input, self.num_features, name, self._min_dim, self._max_dim),
         )
