@@ -88,12 +88,14 @@ def _candidates(shape, skip_collective: bool = False):
         gfn = fwd_bwd(gbn, x, g)
 
         def gloo_transport():
-            orig = syncnorm.comm._same_host_channel
-            syncnorm.comm._same_host_channel = lambda group: None
+            # the group's cached route, with the shared-memory channel taken away (all_reduce_sum reads _route
+            # at each call, so this candidate alone goes through gloo)
+            orig = syncnorm.comm._route
+            syncnorm.comm._route = lambda group: (orig(group)[0], None)
             try:
                 gfn()
             finally:
-                syncnorm.comm._same_host_channel = orig
+                syncnorm.comm._route = orig
 
         cands["SyncBatchNorm, gloo transport"] = gloo_transport
     return cands

@@ -148,10 +148,11 @@ class BatchRenorm(GlobalStatsBatchNorm):
         # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so skip the O(C) renorm arithmetic
         # (the warm-up of a schedule costs exactly SyncBatchNorm)
         plain = r_max == 1.0 and d_max == 0.0
-        running_mean, running_var, name = self.running_mean, self.running_var, self.layer_name
+        p, b = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
+        running_mean, running_var, name = b["running_mean"], b["running_var"], self.layer_name
         bounds = None if plain else RenormBounds(running_mean, running_var, eps, r_max, d_max)
         y, info = train_step(
-            input, self.weight, self.bias, running_mean, running_var, self.num_batches_tracked,
+            input, p["weight"], p["bias"], running_mean, running_var, b["num_batches_tracked"],
             eps=eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
             layer_name=name, renorm=bounds,
             error=check_input(input, self.num_features, name, self._min_dim, self._max_dim),
