@@ -742,6 +742,18 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
 // ----------------------------------------------------------------------------------------------------------------
 namespace {
 
+// A per-thread fp64 scratch vector of n values for cbn_step's forward all-reduce: its payload is weight-sized, and
+// reusing the memory saves a fresh allocation (and its page faults) per layer per step. Nothing holds it past the
+// call (the reducer sums in place; the returned moments are new tensors). Never freed: it must outlive the
+// thread-exit destructors that run after torch's own teardown.
+Tensor scratch_f64(int64_t n, const Tensor& like) {
+  static thread_local Tensor* buf = nullptr;
+  if (buf == nullptr) buf = new Tensor();
+  if (!buf->defined() || buf->numel() < n)
+    *buf = at::empty({std::max<int64_t>(n, 4096)}, like.options().dtype(at::kDouble));
+  return buf->narrow(0, 0, n);
+}
+
 Tensor doubles(const Tensor& t) {
   return t.scalar_type() == at::kDouble && t.is_contiguous() ? t : t.to(at::kDouble).contiguous();
 }
@@ -831,24 +843,29 @@ Tensor patch_sums(const Tensor& xin, at::IntArrayRef out_size, at::IntArrayRef k
                   at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t nd = static_cast<int64_t>(kernel.size());
   const int64_t Cin = xin.size(1);
-  // the batch-summed input (C_in, I_1..I_d) in fp64, read in xin's memory order
+  // the batch-summed input (C_in, I_1..I_d), summed in xin's dtype (N values per element, as the reference path's
+  // conv sums them) in xin's memory order, then widened to fp64
   const int64_t N = xin.size(0), CS = xin.numel() / std::max<int64_t>(N, 1), S = CS / std::max<int64_t>(Cin, 1);
   const bool cl = !xin.is_contiguous() && xin.is_contiguous(memory_format(xin));
   const Tensor src_x = cl || xin.is_contiguous() ? xin : xin.contiguous();
-  std::vector<double> summed(CS, 0.0);
-  AT_DISPATCH_FLOATING_TYPES(src_x.scalar_type(), "syncnorm_patch_sums", [&] {
-    const scalar_t* p = src_x.const_data_ptr<scalar_t>();
-    double* q = summed.data();
-    for (int64_t n = 0; n < N; ++n, p += CS)
-      for (int64_t j = 0; j < CS; ++j) q[j] += static_cast<double>(p[j]);
-  });
-  Tensor cur = at::empty({CS}, xin.options().dtype(at::kDouble));
+  Tensor cur = at::zeros({CS}, xin.options().dtype(at::kDouble));
   double* pcur = cur.data_ptr<double>();
-  if (cl) {  // summed is (I_1..I_d, C_in)
-    for (int64_t i = 0; i < S; ++i)
-      for (int64_t c = 0; c < Cin; ++c) pcur[c * S + i] = summed[i * Cin + c];
-  } else {
-    std::copy(summed.begin(), summed.end(), pcur);
+  if (N > 0) {
+    AT_DISPATCH_FLOATING_TYPES(src_x.scalar_type(), "syncnorm_patch_sums", [&] {
+      const scalar_t* p = src_x.const_data_ptr<scalar_t>();
+      std::vector<scalar_t> summed(p, p + CS);
+      scalar_t* q = summed.data();
+      for (int64_t n = 1; n < N; ++n) {
+        p += CS;
+        for (int64_t j = 0; j < CS; ++j) q[j] += p[j];
+      }
+      if (cl) {  // summed is (I_1..I_d, C_in)
+        for (int64_t i = 0; i < S; ++i)
+          for (int64_t c = 0; c < Cin; ++c) pcur[c * S + i] = static_cast<double>(q[i * Cin + c]);
+      } else {
+        for (int64_t j = 0; j < CS; ++j) pcur[j] = static_cast<double>(q[j]);
+      }
+    });
   }
   // cur is (outer, I_j, inner) with outer = C_in * k_1..k_{j-1} and inner = I_{j+1}..I_d; it becomes
   // (outer, k_j, inner)
@@ -979,7 +996,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   Tensor buf = local_pack(x, C);
   std::string failure;  // why the weight-gradient statistics could not be computed on this rank
   if (payload) {
-    Tensor full = at::empty({buf.numel() + payload}, buf.options());
+    Tensor full = scratch_f64(buf.numel() + payload, buf);
     std::copy(buf.const_data_ptr<double>(), buf.const_data_ptr<double>() + buf.numel(), full.data_ptr<double>());
     try {
       conv_grad_sums(*conv_input, x, *conv_weight, stride, padding, dilation, groups, buf.const_data_ptr<double>(),
