@@ -742,18 +742,6 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
 // ----------------------------------------------------------------------------------------------------------------
 namespace {
 
-// A per-thread fp64 scratch vector of n values for cbn_step's forward all-reduce: its payload is weight-sized, and
-// reusing the memory saves a fresh allocation (and its page faults) per layer per step. Nothing holds it past the
-// call (the reducer sums in place; the returned moments are new tensors). Never freed: it must outlive the
-// thread-exit destructors that run after torch's own teardown.
-Tensor scratch_f64(int64_t n, const Tensor& like) {
-  static thread_local Tensor* buf = nullptr;
-  if (buf == nullptr) buf = new Tensor();
-  if (!buf->defined() || buf->numel() < n)
-    *buf = at::empty({std::max<int64_t>(n, 4096)}, like.options().dtype(at::kDouble));
-  return buf->narrow(0, 0, n);
-}
-
 Tensor doubles(const Tensor& t) {
   return t.scalar_type() == at::kDouble && t.is_contiguous() ? t : t.to(at::kDouble).contiguous();
 }
@@ -996,7 +984,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   Tensor buf = local_pack(x, C);
   std::string failure;  // why the weight-gradient statistics could not be computed on this rank
   if (payload) {
-    Tensor full = scratch_f64(buf.numel() + payload, buf);
+    Tensor full = at::empty({buf.numel() + payload}, buf.options());
     std::copy(buf.const_data_ptr<double>(), buf.const_data_ptr<double>() + buf.numel(), full.data_ptr<double>());
     try {
       conv_grad_sums(*conv_input, x, *conv_weight, stride, padding, dilation, groups, buf.const_data_ptr<double>(),
