@@ -4,7 +4,7 @@ Run from the repository root:
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_syncbn [--repeats 20]
 
-Prints three tables (medians over interleaved repeats, one thread per rank):
+Prints four tables (medians over interleaved repeats, one thread per rank):
 
 1. world 1: SyncBatchNorm (its whole synchronising path runs; the all-reduce is a no-op at world 1) and the
    naive autograd design against nn.BatchNorm2d;
@@ -12,7 +12,9 @@ Prints three tables (medians over interleaved repeats, one thread per rank):
    SyncBatchNorm with its vectors sent through gloo instead of the same-host shared-memory channel
    (``SYNCNORM_SHM=0``); a barrier before and after each sample aligns the ranks (its own cost is outside the
    timed region);
-3. bytes each rank sends per layer for W = 2..1024: syncnorm's one all-reduce per direction against torch's
+3. world 2 again for the smallest shape, timed as blocks of 20 back-to-back calls (no barrier between the calls of
+   a block), the way a layer runs inside a training step;
+4. bytes each rank sends per layer for W = 2..1024: syncnorm's one all-reduce per direction against torch's
    all_gather design (computed from the algorithms; the payload sizes are the ones the collective ledger records).
 
 Peers: ``torch.nn.SyncBatchNorm`` refuses CPU input (checked below, the error is printed), so on CPU the peer is the
@@ -122,7 +124,26 @@ def _world_worker(rank: int, world: int, repeats: int) -> dict:
         {"shared memory": lambda: syncnorm.comm.all_reduce_sum(vec), "gloo": lambda: dist.all_reduce(vec)},
         repeats=repeats * 5, sync=syncnorm.comm.barrier)
     out["transport"] = "shared memory" if syncnorm.comm._same_host_channel(None) is not None else "gloo"
+    # the smallest layer again, BACK_TO_BACK calls per sample with no barrier in between (as inside a training
+    # step, where the ranks are already aligned by the previous layer's collectives): the per-call barrier above
+    # leaves caches cold, which weighs most on a layer this small
+    small = SHAPES[-1]
+    blocks = {name: _back_to_back(fn) for name, fn in _candidates(small, skip_collective=True).items()
+              if name in BACK_TO_BACK_NAMES}
+    out["back_to_back"] = {k: v / BACK_TO_BACK for k, v in
+                           time_interleaved(blocks, repeats=repeats * 2, sync=syncnorm.comm.barrier).items()}
     return out
+
+
+BACK_TO_BACK = 20
+BACK_TO_BACK_NAMES = ("nn.BatchNorm2d", "syncnorm.SyncBatchNorm", "SyncBatchNorm, collective skipped")
+
+
+def _back_to_back(fn):
+    def run() -> None:
+        for _ in range(BACK_TO_BACK):
+            fn()
+    return run
 
 
 def _ratio_rows(timings: dict, names: list[str]) -> list[list[object]]:
@@ -191,6 +212,14 @@ def main(argv=None) -> None:
             rows.append([str(shape), t0["nn.BatchNorm2d"]] + [
                 f"{t0[n] / t0['nn.BatchNorm2d']:.2f} ({t1[n] / t1['nn.BatchNorm2d']:.2f})" for n in names2])
         print(markdown_table(["local shape", "nn.BatchNorm2d ms"] + names2, rows))
+        b0, b1 = res[0]["back_to_back"], res[1]["back_to_back"]
+        print(f"\n## World 2, {SHAPES[-1]}: {BACK_TO_BACK} back-to-back forward+backward per sample (a barrier "
+              "before and after each block of calls, none between them), ratio to nn.BatchNorm2d (rank 0; rank 1 "
+              "in parentheses)\n")
+        names3 = [n for n in BACK_TO_BACK_NAMES if n != "nn.BatchNorm2d"]
+        print(markdown_table(["local shape", "nn.BatchNorm2d ms per call"] + names3, [[str(SHAPES[-1]), b0[
+            "nn.BatchNorm2d"]] + [f"{b0[n] / b0['nn.BatchNorm2d']:.2f} ({b1[n] / b1['nn.BatchNorm2d']:.2f})"
+                                  for n in names3]]))
 
     print("\n## Bytes per rank per layer (C = 256, forward + backward)\n")
     print(bytes_table(256))
