@@ -660,6 +660,14 @@ std::tuple<Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tenso
   return {out[0], out[1]};
 }
 
+// The forward all-reduce of the packed statistics vector, in place, through the Python reducer (syncnorm.comm);
+// reducer < 0 (a group of one rank): none.
+void forward_all_reduce(const Tensor& buf, int64_t reducer) {
+  if (reducer < 0) return;
+  TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
+  (*g_reducer)(buf, reducer);
+}
+
 // One training forward of a layer without prior moments or payload (SyncBatchNorm, BatchRenorm), in one call:
 // local_pack, the forward all-reduce through the Python reducer (reducer < 0: none), finish, then, unless a peer
 // flagged an error (status 1) or the group holds exactly one value per channel (status 2), the fused_norm node and
@@ -675,10 +683,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     double d_max) {
   const bool renorm = renorm_mean.has_value() && renorm_mean->defined();
   Tensor buf = local_pack(x, num_features);
-  if (reducer >= 0) {
-    TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
-    (*g_reducer)(buf, reducer);
-  }
+  forward_all_reduce(buf, reducer);
   auto [n, mean, m2, count_d, flag, ratio] = finish(buf, num_features, eps);
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
   if (flag > 0 || count == 1)
@@ -709,10 +714,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     bool cumulative, const Tensor& window_count, const Tensor& window_mean, const Tensor& window_m2,
     const Tensor& window_forwards) {
   Tensor buf = local_pack(x, num_features);
-  if (reducer >= 0) {
-    TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
-    (*g_reducer)(buf, reducer);
-  }
+  forward_all_reduce(buf, reducer);
   auto [n, mean, m2, count_d, flag, ratio] = finish(buf, num_features, eps);
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
   if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor()};
@@ -1000,10 +1002,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     }
     buf = full;
   }
-  if (reducer >= 0) {
-    TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
-    (*g_reducer)(buf, reducer);
-  }
+  forward_all_reduce(buf, reducer);
   auto [n, mean, m2, count_d, flag, ratio] = finish(buf, C, eps);
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
   if (!failure.empty()) return {3, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor(), failure};
