@@ -17,7 +17,7 @@ other devices use the Python path below.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(slots=True)
 class NormInfo:
     """What one training forward of :func:`normalize` computed (all detached, fp64 unless stated).
 
@@ -50,6 +50,7 @@ class NormInfo:
         r, d: the Batch-Renorm factors applied, in fp64 (None without renorm). The Python path computes them in
             the accumulation dtype (their fp64 copies here are exact), the CPU kernels in fp64.
         extra_sum: the caller's payload summed over ranks in the forward collective, or None.
+        local_count: number of values per channel in this rank's input.
     """
 
     batch: Moments
@@ -59,7 +60,6 @@ class NormInfo:
     d: Optional[torch.Tensor] = None
     extra_sum: Optional[torch.Tensor] = None
     local_count: int = 0
-    extras: dict = field(default_factory=dict)
 
 
 def check_input(x, num_features: int, layer_name: str, min_dim: int = 2, max_dim: Optional[int] = None):

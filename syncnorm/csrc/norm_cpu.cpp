@@ -234,6 +234,41 @@ void channel_moments(const Tensor& x, const Geometry& g, const double* k, double
 
 Tensor f64(int64_t n, const Tensor& like) { return at::empty({n}, like.options().dtype(at::kDouble)); }
 
+// An fp64 vector of n zeros, and an fp64 0-d tensor holding v, without at::zeros / at::full (each of those is a
+// fill through TensorIterator, which costs more than the rest of a small layer's statistics).
+Tensor f64_zeros(int64_t n, const Tensor& like) {
+  Tensor t = f64(n, like);
+  std::fill_n(t.data_ptr<double>(), n, 0.0);
+  return t;
+}
+Tensor f64_scalar(double v, const Tensor& like) {
+  Tensor t = at::empty({}, like.options().dtype(at::kDouble));
+  *t.data_ptr<double>() = v;
+  return t;
+}
+
+// In-place `t += 1` on a 0-d / one-element counter buffer: a direct write (and a version bump, as add_ does) when
+// it is a contiguous int64 CPU tensor, add_ otherwise.
+void increment(const Tensor& t) {
+  if (t.scalar_type() == at::kLong && t.numel() == 1 && t.is_contiguous() && t.is_cpu()) {
+    ++*t.data_ptr<int64_t>();
+    t.unsafeGetTensorImpl()->bump_version();
+  } else {
+    at::NoGradGuard no_grad;
+    t.add_(1);
+  }
+}
+
+// The value of a one-element buffer as a double: read directly from a contiguous int64 / fp64 CPU tensor, through
+// item() otherwise.
+double scalar_value(const Tensor& t) {
+  if (t.numel() == 1 && t.is_cpu() && t.is_contiguous()) {
+    if (t.scalar_type() == at::kLong) return static_cast<double>(*t.const_data_ptr<int64_t>());
+    if (t.scalar_type() == at::kDouble) return *t.const_data_ptr<double>();
+  }
+  return t.item<double>();
+}
+
 // The C values of an optional per-channel tensor as doubles (empty when absent), without a tensor allocation.
 std::vector<double> as_doubles(const c10::optional<Tensor>& t, int64_t C) {
   std::vector<double> out;
@@ -253,7 +288,7 @@ std::vector<double> as_doubles(const c10::optional<Tensor>& t, int64_t C) {
 // = stats.local_sums + stats._pack on CPU (no error, no payload): the fp64 vector [count, 0, sum x, sum x^2]
 // this rank contributes to the forward all-reduce. Channels with mean^2 > 100 var are summed around their mean.
 Tensor local_pack(const Tensor& x_in, int64_t num_features) {
-  Tensor buf = at::zeros({2 + 2 * num_features}, x_in.options().dtype(at::kDouble));
+  Tensor buf = f64_zeros(2 + 2 * num_features, x_in);
   const int64_t C = x_in.size(1);
   const int64_t count = C ? x_in.numel() / C : 0;
   if (count == 0) return buf;
@@ -307,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> merge_moments(const Tensor& n1, const Tensor&
     pm[c] = pu1[c] + delta * (b / safe);
     pq[c] = pv1[c] + pv2[c] + delta * delta * (a * b / safe);
   }
-  return {at::full({}, n, mean1.options()), mean, m2};
+  return {f64_scalar(n, mean1), mean, m2};
 }
 
 // = the tail of stats.global_moments: from the summed vector to (n, mean, M2) in fp64 and the host-side
@@ -316,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, double, double, double> finish(const Tensor& 
   TORCH_CHECK(buf.scalar_type() == at::kDouble && buf.is_contiguous() && buf.numel() >= 2 + 2 * C,
               "finish: expected a contiguous fp64 vector of at least 2C + 2 values");
   const double* b = buf.const_data_ptr<double>();
-  Tensor n = at::full({}, b[0], buf.options());
+  Tensor n = f64_scalar(b[0], buf);
   Tensor mean = f64(C, buf), m2 = f64(C, buf);
   double* pm = mean.data_ptr<double>();
   double* pq = m2.data_ptr<double>();
@@ -430,9 +465,9 @@ void update_running(const Tensor& running_mean, const Tensor& running_var,
                     int64_t global_count, double momentum, bool cumulative) {
   at::NoGradGuard no_grad;
   const bool nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  if (nbt) num_batches_tracked->add_(1);
+  if (nbt) increment(*num_batches_tracked);
   double factor = momentum;
-  if (cumulative) factor = nbt ? 1.0 / num_batches_tracked->item<double>() : 0.0;
+  if (cumulative) factor = nbt ? 1.0 / scalar_value(*num_batches_tracked) : 0.0;
   const double denom = static_cast<double>(std::max<int64_t>(global_count - 1, 1));
   const int64_t C = mean64.numel();
   const double* pm = mean64.const_data_ptr<double>();
@@ -718,7 +753,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   auto [n, mean, m2, count_d, flag, ratio] = finish(buf, num_features, eps);
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
   if (flag > 0) return {1, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor(), Tensor()};
-  const double prior = window_count.item<double>();
+  const double prior = scalar_value(window_count);
   Tensor un = n, umean = mean, um2 = m2;
   if (prior > 0)
     std::tie(un, umean, um2) = merge_moments(window_count.to(at::kDouble), window_mean.to(at::kDouble),
@@ -731,10 +766,20 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     update_running(*running_mean, *running_var, num_batches_tracked, mean, m2, count, momentum, cumulative);
   {
     at::NoGradGuard no_grad;
-    window_count.copy_(un);
-    window_mean.copy_(umean);
-    window_m2.copy_(um2);
-    window_forwards.add_(1);
+    // the layer's own fp64 buffers directly; ATen copies for any other dtype or layout
+    auto store = [](const Tensor& dst, const Tensor& src) {
+      if (dst.scalar_type() == at::kDouble && dst.is_contiguous() && dst.is_cpu() && dst.numel() == src.numel() &&
+          src.scalar_type() == at::kDouble && src.is_contiguous()) {
+        std::copy_n(src.const_data_ptr<double>(), src.numel(), dst.data_ptr<double>());
+        dst.unsafeGetTensorImpl()->bump_version();
+      } else {
+        dst.copy_(src);
+      }
+    };
+    store(window_count, un);
+    store(window_mean, umean);
+    store(window_m2, um2);
+    increment(window_forwards);
   }
   return {0, y, n, mean, m2, count, flag, un, umean, um2};
 }
@@ -1048,7 +1093,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
       qq[c] = q;
     }
     prior_count = total;
-    std::tie(un, umean, um2) = merge_moments(at::full({}, total, mean.options()), pmean, pm2, n, mean, m2);
+    std::tie(un, umean, um2) = merge_moments(f64_scalar(total, mean), pmean, pm2, n, mean, m2);
   }
   const int64_t used_total = count + static_cast<int64_t>(std::llround(prior_count));
   if (used_total == 1) return {2, Tensor(), n, mean, m2, count, flag, un, umean, um2, ""};
