@@ -68,15 +68,21 @@ def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -
     CPU vector of at most :data:`SHM_SLOT_BYTES` in a gloo group whose ranks all run on this host: that goes
     through a shared-memory region the group maps once (see :class:`SameHostChannel`). The result is the same
     sum, bit-identical on every rank, without gloo's per-call latency (about 2 ms on a 2-core VM, more than a
-    whole small BatchNorm layer). ``SYNCNORM_SHM=0`` turns the shared-memory transport off.
+    whole small BatchNorm layer). In such a group every other tensor is announced through shared memory (its size
+    and dtype, no data) before the backend's all-reduce, so calls that do not match across ranks raise a
+    RuntimeError on every rank instead of hanging. ``SYNCNORM_SHM=0`` turns the shared-memory transport off.
     """
     world, channel = _route(group)
     if world == 1:
         return tensor
-    if (channel is not None and tensor.is_cpu and tensor.dtype in _SHM_DTYPES and tensor.is_contiguous()
-            and channel.fits(tensor)):
-        channel.all_reduce_sum(tensor)
-        return tensor
+    if channel is not None:
+        if tensor.is_cpu and tensor.dtype in _SHM_DTYPES and tensor.is_contiguous() and channel.fits(tensor):
+            channel.all_reduce_sum(tensor)
+            return tensor
+        # this one goes through the backend; a header-only round first, so that a mismatched call on a peer
+        # (one that went through shared memory) raises on every rank now instead of leaving each rank waiting in
+        # a different transport until a timeout
+        channel.announce(tensor)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
@@ -146,6 +152,13 @@ class SameHostChannel:
         self._round += 1
         self._ops.shm_all_reduce(self._address, self.rank, self.world, self._round, self.capacity, tensor,
                                  self.timeout)
+
+    def announce(self, tensor: torch.Tensor) -> None:
+        """A round that exchanges only ``tensor``'s byte size and dtype: raises RuntimeError on every rank when a peer
+        posted a different size or dtype in the same round (the caller then all-reduces ``tensor`` elsewhere)."""
+        self._round += 1
+        self._ops.shm_all_reduce(self._address, self.rank, self.world, self._round, self.capacity, tensor,
+                                 self.timeout, True)
 
 
 def _same_host_channel(group: Optional[ProcessGroup]) -> Optional[SameHostChannel]:

@@ -97,18 +97,44 @@ def test_no_collective_and_no_channel_without_distributed():
 
 
 def _mismatched_sizes(rank: int, world: int) -> dict:
+    import time
+
     comm.all_reduce_sum(torch.ones(4, dtype=torch.float64))  # sets the channel up
-    try:
-        comm.all_reduce_sum(torch.ones(4 + rank, dtype=torch.float64))  # a bug on the caller's side
-    except RuntimeError as e:
-        return {"error": str(e)}
-    return {"error": None}
+    out = {}
+    big = comm.SHM_SLOT_BYTES // 8 + 1  # too big for the shared slot: goes through gloo
+    cases = {
+        "both shared": 4 + rank,  # a bug on the caller's side
+        # one rank's vector fits the shared slot and the other's does not: without the size announcement the
+        # first would wait in shared memory and the second in gloo, each until its timeout
+        "straddle": 4 if rank == 0 else big,
+        "both gloo": big + rank,
+    }
+    for name, n in cases.items():
+        t0 = time.perf_counter()
+        try:
+            comm.all_reduce_sum(torch.ones(n, dtype=torch.float64))
+            out[name] = (None, time.perf_counter() - t0)
+        except RuntimeError as e:
+            out[name] = (str(e), time.perf_counter() - t0)
+    # the channel is still usable afterwards: both ranks stayed in step
+    v = torch.full((3,), float(rank + 1), dtype=torch.float64)
+    comm.all_reduce_sum(v)
+    out["after"] = v.tolist()
+    w = torch.full((big,), float(rank + 1), dtype=torch.float64)
+    comm.all_reduce_sum(w)
+    out["after big"] = (w.min().item(), w.max().item())
+    return out
 
 
 def test_mismatched_sizes_raise_on_every_rank():
-    # gloo refuses mismatched all-reduces; the shared-memory transport must not sum stale bytes instead
+    # gloo refuses mismatched all-reduces; the shared-memory transport must not sum stale bytes instead, and a
+    # mismatch across the two transports must raise promptly rather than hang (SYNCNORM_SHM_TIMEOUT is 1800 s)
     for r in run_distributed(_mismatched_sizes, 2, timeout=120):
-        assert r["error"] is not None and "mismatch" in r["error"], r
+        for name in ("both shared", "straddle", "both gloo"):
+            error, seconds = r[name]
+            assert error is not None and "mismatch" in error, (name, r)
+            assert seconds < 30, (name, seconds)
+        assert r["after"] == [3.0, 3.0, 3.0] and r["after big"] == (3.0, 3.0), r
 
 
 def _one_rank_opts_out(rank: int, world: int) -> dict:

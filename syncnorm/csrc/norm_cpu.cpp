@@ -1187,12 +1187,18 @@ void set_reducer(py::object fn) {
 // by everyone.
 
 void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, int64_t capacity, const Tensor& t,
-                    double timeout_s) {
-  TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "shm_all_reduce: expected a contiguous CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              "shm_all_reduce: expected float32 or float64, got ", t.scalar_type());
+                    double timeout_s, bool header_only) {
+  // header_only: post and check t's byte size and dtype, move no data (the caller then all-reduces t through the
+  // backend). Used for a tensor that cannot go through the slot, so that a peer whose matching call did go through
+  // shared memory (a mismatched call) raises here on every rank instead of both waiting in different transports.
+  if (!header_only) {
+    TORCH_CHECK(t.is_cpu() && t.is_contiguous(), "shm_all_reduce: expected a contiguous CPU tensor");
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                "shm_all_reduce: expected float32 or float64, got ", t.scalar_type());
+  }
   const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  TORCH_CHECK(bytes <= capacity, "shm_all_reduce: ", bytes, " bytes exceed the slot capacity ", capacity);
+  TORCH_CHECK(header_only || bytes <= capacity, "shm_all_reduce: ", bytes, " bytes exceed the slot capacity ",
+              capacity);
   char* region = reinterpret_cast<char*>(base);
   auto posted = [&](int64_t r) { return reinterpret_cast<std::atomic<int64_t>*>(region + 64 * r); };
   // beside each rank's counter: the byte size and dtype it posted in this round, checked by every peer, so that
@@ -1200,7 +1206,7 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
   // already post round k + 1 while this rank still reads round k (never k + 2: see above)
   auto shape = [&](int64_t r) { return reinterpret_cast<int64_t*>(region + 64 * r + 8 + 16 * (round & 1)); };
   char* bank = region + 64 * world + (round & 1) * world * capacity;
-  std::memcpy(bank + rank * capacity, t.data_ptr(), bytes);
+  if (!header_only) std::memcpy(bank + rank * capacity, t.data_ptr(), bytes);
   shape(rank)[0] = bytes;
   shape(rank)[1] = static_cast<int64_t>(t.scalar_type());
   posted(rank)->store(round, std::memory_order_release);
@@ -1235,6 +1241,7 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
                 c10::toString(static_cast<at::ScalarType>(shape(r)[1])),
                 "; every rank must call the same layers with the same channel counts and dtypes");
   }
+  if (header_only) return;
   AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "syncnorm_shm_all_reduce", [&] {
     scalar_t* out = t.data_ptr<scalar_t>();
     const int64_t n = t.numel();
@@ -1258,5 +1265,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_step", &window_step);
   m.def("cbn_step", &cbn_step);
   m.def("set_reducer", &set_reducer);
-  m.def("shm_all_reduce", &shm_all_reduce);
+  m.def("shm_all_reduce", &shm_all_reduce, py::arg("base"), py::arg("rank"), py::arg("world"), py::arg("round"),
+        py::arg("capacity"), py::arg("t"), py::arg("timeout_s"), py::arg("header_only") = false);
 }
