@@ -190,7 +190,10 @@ def _prepare(weight, bias, spec: _Spec, batch: Moments, used: Moments, global_co
         mean = used.mean.to(acc)
     var = (used.m2 / max(total, 1)).to(acc)
     r = d = None
-    w_eff, b_eff = weight, bias
+    # in the statistics' dtype: F.batch_norm takes fp16/bf16 input with fp32 parameters, not the reverse (a
+    # module converted with .half() has fp16 parameters; nn.BatchNorm accepts that)
+    w_eff = None if weight is None else _cast(weight, acc)
+    b_eff = None if bias is None else _cast(bias, acc)
     if spec.renorm is not None:
         if spec.prior is None:  # used is batch: reuse the statistics already cast for normalising
             r, d = spec.renorm(mean if center is None else center, var)

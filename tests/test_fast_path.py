@@ -422,3 +422,46 @@ def test_cross_iteration_step_low_precision_matches_python_path(case):
         assert fast[0][0].is_contiguous(memory_format=torch.channels_last)
     if kw["autocast"]:
         assert fast[0][0].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# modules converted to fp16 / bf16 as a whole (.half(), .to(torch.bfloat16)): parameters and buffers in the low
+# dtype, as nn.BatchNorm accepts them. The Python path (the only one on CUDA) used to refuse them.
+# ---------------------------------------------------------------------------------------------------------------
+_LOW_MODULES = {
+    "sync": lambda: syncnorm.SyncBatchNorm(6),
+    "renorm": lambda: syncnorm.BatchRenorm(6, r_max=1.5, d_max=0.5),
+    "cross_minibatch": lambda: syncnorm.CrossMiniBatchNorm(6, accumulation_steps=2),
+    "cross_iteration_naive": lambda: syncnorm.CrossIterationBatchNorm(6, window=3, compensate=False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(_LOW_MODULES))
+def test_low_precision_module_matches_python_path(name, dtype):
+    layer = _LOW_MODULES[name]()
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, 6))
+        layer.bias.copy_(torch.linspace(-1, 1, 6))
+    layer = layer.to(dtype)
+    x, g = _input((4, 6, 5, 5), dtype)
+    fast, slow = _run(layer, x, g, steps=3), _run(layer, x, g, steps=3, python=True)
+    for r in (fast, slow):
+        assert r["y"].dtype == dtype and r["dx"].dtype == dtype and r["dw"].dtype == dtype
+        assert r["db"].dtype == dtype and r["running_mean"].dtype == dtype
+    tol = 1e-2 if dtype == torch.float16 else 4e-2  # one rounding of the output to the input dtype
+    assert not _agree(fast, slow, tol, tol), _agree(fast, slow, tol, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cross_iteration_module_matches_python_path(dtype):
+    # compensated CBN with its conv, both converted as a whole
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+    bn = syncnorm.CrossIterationBatchNorm(4, window=3).to(dtype)
+    batches = _cbn_batches(conv, dtype, [3, 2, 4, 3], seed=4)
+    fast, slow = (_cbn_run(conv, bn, batches, python, lr=0.02) for python in (False, True))
+    tol = (2e-2, 2e-2) if dtype == torch.float16 else (5e-2, 5e-2)
+    assert not _cbn_agree(fast, slow, *tol), _cbn_agree(fast, slow, *tol)
+    assert fast[0][0].dtype == dtype and slow[0][0].dtype == dtype
+    assert bool(fast[3].history_compensable.all()) and bool(slow[3].history_compensable.all())

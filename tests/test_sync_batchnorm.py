@@ -144,6 +144,31 @@ def test_autocast_bf16_cpu():
     torch.testing.assert_close(net[1].running_mean.double(), 0.1 * conv_out.mean((0, 2, 3)), rtol=1e-2, atol=2e-3)
 
 
+
+@pytest.mark.parametrize("python", [False, True], ids=["active-path", "python-path"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_module_converted_to_low_precision_matches_native(dtype, python):
+    # .half() / .to(bf16) on the whole module: parameters and buffers in the low dtype, as nn.BatchNorm allows
+    torch.manual_seed(0)
+    ours, native = syncnorm.SyncBatchNorm(C).to(dtype), nn.BatchNorm2d(C).to(dtype)
+    x = (torch.randn(4, C, 5, 5) * 2 + 1).to(dtype)
+    g = torch.randn(4, C, 5, 5)  # fixed upstream gradient (a loss like y.square() has db = 2 sum y ~ rounding noise)
+    previous = syncnorm._ext.set_enabled(False) if python else None
+    try:
+        outs = []
+        for layer in (ours, native):
+            xi = x.clone().requires_grad_(True)
+            y = layer(xi)
+            (y.float() * g).sum().backward()
+            outs.append((y, xi.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var))
+    finally:
+        if python:
+            syncnorm._ext.set_enabled(previous)
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    for name, a, b in zip(("y", "dx", "dw", "db", "running_mean", "running_var"), *outs):
+        assert a.dtype == dtype, (name, a.dtype)
+        assert compare(name, a, b, tol, tol) is None, compare(name, a, b, tol, tol)
+
 @pytest.mark.parametrize("path", ["cpu-kernels", "python"])
 @pytest.mark.parametrize("case", ["mean1e4", "tiny_var"])
 def test_numerics_fp32_against_fp64(case, path):
