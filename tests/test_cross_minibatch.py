@@ -134,3 +134,39 @@ def test_empty_micro_batch_and_state_dict_keys():
     assert y.shape == (0, C, 2)
     assert torch.equal(layer.window_moments().mean, before.mean) and int(layer.window_forwards) == 2
     assert set(nn.BatchNorm1d(C).state_dict()) <= set(layer.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("python", [False, True], ids=["active-path", "python-path"])
+def test_low_precision_module_keeps_exact_window_counts(dtype, python):
+    # .half() / .to(bf16) casts every floating buffer of a module; a float16 count would overflow at 65504 values
+    # per channel (bfloat16 is inexact above 256). The window's fp64 moments keep their dtype; the affine
+    # parameters and running statistics follow the module, as in nn.BatchNorm.
+    layer = syncnorm.CrossMiniBatchNorm(3, accumulation_steps=4).to(dtype)
+    assert layer.weight.dtype == layer.running_mean.dtype == dtype
+    assert layer.window_count.dtype == layer.window_mean.dtype == layer.window_m2.dtype == torch.float64
+    g = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(2, 3, 128, 130, generator=g, dtype=torch.float64) * (1 + k) + k).to(dtype) for k in range(3)]
+    previous = syncnorm._ext.set_enabled(False) if python else None
+    try:
+        ys = [layer(x) for x in xs]
+    finally:
+        if python:
+            syncnorm._ext.set_enabled(previous)
+    per_batch = 2 * 128 * 130  # 33280 values per channel: the third micro-batch takes the window past 65504
+    assert float(layer.window_count) == 3 * per_batch
+    full = torch.cat([x.double() for x in xs])
+    ref = torch.nn.functional.batch_norm(full, None, None, training=True)[2 * xs[0].shape[0]:]
+    assert ys[2].dtype == dtype
+    tol = 1e-2 if dtype == torch.float16 else 4e-2
+    assert compare("y", ys[2], ref, tol, tol) is None, compare("y", ys[2], ref, tol, tol)
+
+
+def test_cross_iteration_low_precision_module_keeps_fp64_history():
+    layer = syncnorm.CrossIterationBatchNorm(4, window=3).half()
+    for name in ("history_count", "history_mean", "history_var", "history_mean_at", "history_var_at"):
+        assert getattr(layer, name).dtype == torch.float64, name
+    assert layer.history_dvar.dtype == layer.weight.dtype == torch.float16
+    assert layer.history_next.dtype == torch.long
+    layer.float()  # and back: still fp64, parameters float32
+    assert layer.history_count.dtype == torch.float64 and layer.weight.dtype == torch.float32

@@ -98,7 +98,9 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     **State.** The history is a ring buffer of ``window - 1`` slots in registered buffers (``history_*``, ``step``);
     ``state_dict`` holds it and a restored layer continues bit-identically. Buffers whose shape depends on the conv
     (``history_dmean``, ``history_dvar``) take the shape of a loaded checkpoint when the layer is not attached yet.
-    Under DDP the (already identical) buffers are re-broadcast each step unless ``broadcast_buffers=False``.
+    The per-slot counts and moments (``history_count``, ``history_mean``, ``history_var``, ``history_mean_at``,
+    ``history_var_at``) are fp64 and stay fp64 when the module is cast (``.half()``, ``.to(dtype)``); the
+    derivatives take the module's dtype. Under DDP the (already identical) buffers are re-broadcast each step unless ``broadcast_buffers=False``.
 
     **Cost.** One all-reduce in forward of ``2C + 2`` fp64 values plus, while compensation records history,
     ``C_in * prod(kernel) + weight.numel()`` fp64 values (``8 *`` that many bytes); one in backward of ``2C``
@@ -114,6 +116,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         process_group: group to synchronise over; None means the world.
         eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm``.
     """
+
+    _fp64_buffers = ("history_count", "history_mean", "history_var", "history_mean_at", "history_var_at")
 
     def __init__(
         self,

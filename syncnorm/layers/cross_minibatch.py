@@ -42,7 +42,8 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
 
     **State.** The window's cumulative moments (``window_count``, ``window_mean``, ``window_m2``, fp64) and the
     number of forwards in it (``window_forwards``) are registered buffers, so a checkpoint taken mid-window resumes
-    exactly.
+    exactly. The three fp64 buffers stay fp64 when the module is cast (``.half()``, ``.to(dtype)``); they follow
+    its device.
 
     **Cost.** As :class:`syncnorm.SyncBatchNorm`: one all-reduce of ``2C + 2`` fp64 values in forward and one of
     ``2C`` values in backward, whatever the world size; the merge with the window is O(C).
@@ -53,6 +54,8 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
         process_group: group to synchronise over; None means the world.
         eps, momentum, affine, track_running_stats, device, dtype: as ``nn.BatchNorm``.
     """
+
+    _fp64_buffers = ("window_count", "window_mean", "window_m2")
 
     def __init__(
         self,

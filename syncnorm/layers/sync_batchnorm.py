@@ -45,6 +45,9 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
 
     _min_dim = 2
     _max_dim: Optional[int] = None
+    # buffers that accumulate statistics in float64 by design (counts and moments pooled over steps): dtype casts of
+    # the module (.half(), .float(), .to(dtype)) leave them in float64, device moves apply (see _apply)
+    _fp64_buffers: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -67,6 +70,18 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         self.process_group = process_group
         self._syncnorm_name: Optional[str] = None
         self.last_info: Optional[NormInfo] = None  # what the last training forward computed (for monitors)
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module casts every floating buffer with the module. A float16 count overflows at 65504 values per
+        # channel (and bfloat16 is inexact from 257), which would silently corrupt the pooled statistics, so the
+        # float64 statistics buffers keep their dtype and only follow the module's device.
+        before = {name: self._buffers[name] for name in self._fp64_buffers if self._buffers.get(name) is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return out
 
     # ------------------------------------------------------------------ validation
     def _check_input_dim(self, input: torch.Tensor) -> None:
