@@ -814,31 +814,35 @@ inline Simd<double>::V lanes64(const T* p) {
   }
 }
 
-// sum_k a[k] * w[k], accumulated in double.
-template <typename T, typename U>
-inline double dot64(const T* a, const U* w, int64_t n) {
+// sum_k rows[r][k] * w[k] for the R rows at once, accumulated in double: w is read (and widened) once for all
+// of them. R is a compile-time count, so the accumulators stay in registers.
+template <int R, typename T, typename U>
+inline void dots64(const T* const* rows, const U* w, int64_t n, double* out) {
   using V = Simd<double>::V;
   constexpr int64_t W = Simd<double>::W;
   int64_t i = 0;
-  double t = 0;
+  double t[R] = {};
   constexpr bool simd = (std::is_same_v<T, double> || std::is_same_v<T, float>) &&
                         (std::is_same_v<U, double> || std::is_same_v<U, float>);
   if constexpr (simd) {
-    V a0{}, a1{};
-    for (; i + 2 * W <= n; i += 2 * W) {
-      a0 += lanes64(a + i) * lanes64(w + i);
-      a1 += lanes64(a + i + W) * lanes64(w + i + W);
+    V acc[R] = {};
+    for (; i + W <= n; i += W) {
+      const V wv = lanes64(w + i);
+      for (int r = 0; r < R; ++r) acc[r] += lanes64(rows[r] + i) * wv;
     }
-    t = hsum<double>(a0 + a1);
+    for (int r = 0; r < R; ++r) t[r] = hsum<double>(acc[r]);
   }
-  for (; i < n; ++i) t += static_cast<double>(a[i]) * static_cast<double>(w[i]);
-  return t;
+  for (; i < n; ++i) {
+    const double wi = static_cast<double>(w[i]);
+    for (int r = 0; r < R; ++r) t[r] += static_cast<double>(rows[r][i]) * wi;
+  }
+  for (int r = 0; r < R; ++r) out[r] = t[r];
 }
 
 // The compensation's products with the conv's current weights, for `slots` slots of the history starting at
 // `first`: mean_out[s][c] = <dmean[first + s, group(c)], W_c> + b_c and var_out[s][c] = <dvar[first + s, c], W_c>
 // (fp64 accumulation; (S, G, K) / (S, C, K) derivatives in their dtype, W (C_out, ...) in its own; when the two
-// dtypes differ, W is read as doubles).
+// dtypes differ, W is read as doubles). Each channel's weights are read once per two slots (four rows).
 void weight_products(const Tensor& dmean, const Tensor& dvar, const Tensor& weight, const std::vector<double>& b,
                      int64_t groups, int64_t first, int64_t slots, double* mean_out, double* var_out) {
   const int64_t C = dvar.size(1), K = dvar.size(2), per = C / groups;
@@ -853,12 +857,24 @@ void weight_products(const Tensor& dmean, const Tensor& dvar, const Tensor& weig
     const scalar_t* pm = dm.const_data_ptr<scalar_t>();
     const scalar_t* pv = dv.const_data_ptr<scalar_t>();
     auto run = [&](auto* pw) {
-      for (int64_t s = 0; s < slots; ++s) {
-        const int64_t slot = first + s;
-        for (int64_t c = 0; c < C; ++c) {
-          const auto* wc = pw + c * K;
-          mean_out[s * C + c] = dot64(pm + (slot * groups + c / per) * K, wc, K) + (b.empty() ? 0.0 : b[c]);
-          var_out[s * C + c] = dot64(pv + (slot * C + c) * K, wc, K);
+      for (int64_t c = 0; c < C; ++c) {
+        const auto* wc = pw + c * K;
+        const double bc = b.empty() ? 0.0 : b[c];
+        for (int64_t s = 0; s < slots; s += 2) {  // rows: mean s, var s (, mean s + 1, var s + 1)
+          const int64_t slot = first + s;
+          const scalar_t* rows[4] = {pm + (slot * groups + c / per) * K, pv + (slot * C + c) * K, nullptr, nullptr};
+          double out[4];
+          if (s + 1 < slots) {
+            rows[2] = pm + ((slot + 1) * groups + c / per) * K;
+            rows[3] = pv + ((slot + 1) * C + c) * K;
+            dots64<4>(rows, wc, K, out);
+            mean_out[(s + 1) * C + c] = out[2] + bc;
+            var_out[(s + 1) * C + c] = out[3];
+          } else {
+            dots64<2>(rows, wc, K, out);
+          }
+          mean_out[s * C + c] = out[0] + bc;
+          var_out[s * C + c] = out[1];
         }
       }
     };
@@ -883,22 +899,33 @@ Tensor patch_sums(const Tensor& xin, at::IntArrayRef out_size, at::IntArrayRef k
   const int64_t N = xin.size(0), CS = xin.numel() / std::max<int64_t>(N, 1), S = CS / std::max<int64_t>(Cin, 1);
   const bool cl = !xin.is_contiguous() && xin.is_contiguous(memory_format(xin));
   const Tensor src_x = cl || xin.is_contiguous() ? xin : xin.contiguous();
-  Tensor cur = at::zeros({CS}, xin.options().dtype(at::kDouble));
+  Tensor cur = N > 0 ? f64(CS, xin) : f64_zeros(CS, xin);
   double* pcur = cur.data_ptr<double>();
   if (N > 0) {
     AT_DISPATCH_FLOATING_TYPES(src_x.scalar_type(), "syncnorm_patch_sums", [&] {
       const scalar_t* p = src_x.const_data_ptr<scalar_t>();
-      std::vector<scalar_t> summed(p, p + CS);
-      scalar_t* q = summed.data();
-      for (int64_t n = 1; n < N; ++n) {
-        p += CS;
-        for (int64_t j = 0; j < CS; ++j) q[j] += p[j];
+      // in blocks that stay in L1 across the N images; the same sums, in the same order (image 0, 1, ...)
+      constexpr int64_t kBlock = 2048;
+      std::vector<scalar_t> block(std::min<int64_t>(kBlock, CS));
+      std::vector<scalar_t> transposed(cl ? CS : 0);
+      for (int64_t j0 = 0; j0 < CS; j0 += kBlock) {
+        const int64_t len = std::min<int64_t>(kBlock, CS - j0);
+        scalar_t* q = block.data();
+        std::copy(p + j0, p + j0 + len, q);
+        for (int64_t n = 1; n < N; ++n) {
+          const scalar_t* pn = p + n * CS + j0;
+          for (int64_t j = 0; j < len; ++j) q[j] += pn[j];
+        }
+        if (cl) {
+          std::copy(q, q + len, transposed.data() + j0);
+        } else {
+          for (int64_t j = 0; j < len; ++j) pcur[j0 + j] = static_cast<double>(q[j]);
+        }
       }
-      if (cl) {  // summed is (I_1..I_d, C_in)
+      if (cl) {  // the summed input is (I_1..I_d, C_in)
+        const scalar_t* q = transposed.data();
         for (int64_t i = 0; i < S; ++i)
           for (int64_t c = 0; c < Cin; ++c) pcur[c * S + i] = static_cast<double>(q[i * Cin + c]);
-      } else {
-        for (int64_t j = 0; j < CS; ++j) pcur[j] = static_cast<double>(q[j]);
       }
     });
   }
@@ -909,7 +936,7 @@ Tensor patch_sums(const Tensor& xin, at::IntArrayRef out_size, at::IntArrayRef k
     const int64_t I = xin.size(2 + j), Kj = kernel[j], O = out_size[j];
     const int64_t st = stride[j], dil = dilation[j], pad = padding[j];
     const int64_t inner = cur.numel() / (outer * I);
-    Tensor next = at::zeros({outer * Kj * inner}, cur.options());
+    Tensor next = f64_zeros(outer * Kj * inner, cur);
     const double* src = cur.const_data_ptr<double>();
     double* dst = next.data_ptr<double>();
     for (int64_t k = 0; k < Kj; ++k) {

@@ -242,7 +242,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         compensating = self.compensate and conv is not None
         extra = extra_numel = None
         if record and compensating:
-            extra_numel = conv.weight[0].numel() * (conv.groups + self.num_features)
+            w = conv.weight
+            extra_numel = w.numel() // w.shape[0] * (conv.groups + self.num_features)
             if err is None:
                 err = self._conv_input_error(conv, captured, input)
         if err is None:
