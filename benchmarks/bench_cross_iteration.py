@@ -269,24 +269,24 @@ def _memory_worker(rank: int, world: int, runs: list) -> dict:
     return out
 
 
+def _set_env(values: dict) -> None:
+    for k, v in values.items():  # None: unset
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _run_world(worker, env: dict, *args) -> list:
     # a 2-rank world whose ranks start with `env` applied to this process's environment (malloc reads it at start)
     from tests.dist.harness import run_distributed
 
     saved = {k: os.environ.get(k) for k in env}
     try:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(env)
         return run_distributed(worker, 2, *args, timeout=3600, pg_timeout=900)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(saved)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", default=None,
                         help="comma-separated per-rank batch x image size, e.g. 8x32,32x32 (default per model: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_CONFIGS.items()) + ")")
+    parser.add_argument("--timing-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run the timing world with MALLOC_MMAP_THRESHOLD_=BYTES instead of glibc's default "
+                             "(65536 reproduces the method of the sessions before the fourth)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -351,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         " " + shlex.quote(a) for a in argv_shown)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    timing = _run_world(_time_worker, {"MALLOC_MMAP_THRESHOLD_": None}, runs, args.repeats)[0]
+    threshold = None if args.timing_mmap_threshold is None else str(args.timing_mmap_threshold)
+    timing = _run_world(_time_worker, {"MALLOC_MMAP_THRESHOLD_": threshold}, runs, args.repeats)[0]
     memory = _run_world(_memory_worker, MEMORY_MALLOC_ENV, runs)[0]
     elapsed = time.perf_counter() - start
     load_after = os.getloadavg()
