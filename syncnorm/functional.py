@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import _ext, comm
 from .stats import Moments, _peer_error, accumulation_dtype, global_moments
@@ -100,6 +101,7 @@ class _GlobalStatsNorm(torch.autograd.Function):
         return _forward(ctx, x, weight, bias, spec)
 
     @staticmethod
+    @once_differentiable  # the backward's collective has no graph: a second differentiation raises, never drops terms
     def backward(ctx, grad_out):
         if _autocast_on(grad_out.device.type):
             with torch.autocast(device_type=grad_out.device.type, enabled=False):

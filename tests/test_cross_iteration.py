@@ -589,3 +589,36 @@ def test_distributed_grad_sums_failure_raises_everywhere(world_results):
     for path in ("kernels", "python"):
         outcomes = [r[f"grad-sums-failure-{path}"] for r in results]
         assert outcomes == ["own"] + ["peer"] * (len(results) - 1), (path, outcomes)
+
+
+def test_half_model_history_products_do_not_overflow_on_either_path():
+    # A .half() conv + CBN whose products <d sigma^2/dW, W> (about 6e5 here) exceed float16's range while every
+    # activation is finite: the Python path (CUDA's) computed them in float16 and turned the statistics into inf/NaN.
+    from syncnorm import _ext
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        base[0].weight.mul_(30.0)
+    xs = [(torch.randn(4, 3, 6, 6) * 30 + 30).half() for _ in range(4)]
+    outs = {}
+    for python in (False, True):
+        previous = _ext.set_enabled(not python)
+        try:
+            m = syncnorm.convert(copy.deepcopy(base), "cross_iteration", window=3).half()
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+            ys = []
+            for x in xs:
+                y = m(x)
+                y.float().square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                ys.append(y.detach())
+        finally:
+            _ext.set_enabled(previous)
+        assert bool(m[1].history_compensable.all())
+        assert all(bool(torch.isfinite(y.float()).all()) for y in ys), "python" if python else "kernels"
+        assert bool(torch.isfinite(m[1].history_var_at).all()) and bool(torch.isfinite(m[1].history_dvar.float()).all())
+        outs[python] = ys
+    for a, b in zip(outs[False], outs[True]):
+        assert compare("y", a, b, 2e-2, 2e-2) is None, compare("y", a, b, 2e-2, 2e-2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -507,3 +508,31 @@ def test_local_sums_both_paths_match_float64(loc, scale, channels_last):
         # fp32 accumulation: errors relative to the spread of the data, not to the mean
         assert compare(f"mean sync_free={sync_free}", m.mean, ref_mean, 1e-7, 1e-6 * scale) is None
         assert compare(f"var sync_free={sync_free}", m.var(), ref_var, 1e-5, 0.0) is None
+
+
+@pytest.mark.parametrize("python", [False, True], ids=["active-path", "python-path"])
+@pytest.mark.parametrize("to", ["sync", "renorm", "cross_minibatch", "cross_iteration"])
+def test_double_backward_raises_instead_of_dropping_terms(to, python):
+    # The backward of every syncnorm layer runs outside autograd (its collective has no graph). With
+    # create_graph=True the first-order gradients must still be exact, and differentiating them again must raise:
+    # before, the C++ path returned gradients without a graph and a gradient penalty silently lost this layer's terms.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C))
+    x = torch.randn(4, 3, 6, 6)
+    previous = syncnorm._ext.set_enabled(False) if python else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # renorm's default schedule note
+            model = syncnorm.convert(copy.deepcopy(base), to)
+        twin = copy.deepcopy(model)  # the same state: CBN / CmBN layers change theirs with every training forward
+        twin(x).square().mean().backward()
+        plain = [p.grad for p in twin.parameters()]
+        grads = torch.autograd.grad(model(x).square().mean(), list(model.parameters()), create_graph=True)
+        for g, p in zip(grads, plain):
+            assert g is not None and torch.allclose(g.detach(), p, rtol=1e-5, atol=1e-6)
+        penalty = sum(g.square().sum() for g in grads)
+        with pytest.raises(RuntimeError, match="double backward through a syncnorm|differentiate twice"):
+            penalty.backward()
+    finally:
+        if python:
+            syncnorm._ext.set_enabled(previous)

@@ -30,6 +30,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <sched.h>
 
@@ -676,6 +677,28 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
     const int64_t b_dtype = ctx->needs_input_grad(2) ? ctx->saved_data["b_dtype"].toInt() : int64_t(-1);
     auto [dx, dw, db] = backward_all(grads[0], saved[0], saved[1], ctx->saved_data["total"].toInt(),
                                      ctx->needs_input_grad(0), w_dtype, b_dtype, reduce);
+    if (at::GradMode::is_enabled()) {
+      // backward(create_graph=True): these gradients are computed from raw data and carry no graph, so a second
+      // differentiation through them would silently drop this layer's terms. As torch's @once_differentiable does,
+      // give them a node that raises if anything differentiates through it.
+      torch::autograd::variable_list outs{dx, dw, db};
+      for (auto& v : outs) {
+        if (v.defined()) {
+          v = v.detach();
+          v.set_requires_grad(true);
+        }
+      }
+      outs = torch::autograd::DelayedError(
+                 "syncnorm: double backward through a syncnorm normalisation layer is not supported (its backward "
+                 "is computed outside autograd); gradients of gradients, e.g. a gradient penalty with "
+                 "create_graph=True, cannot flow through SyncBatchNorm, BatchRenorm, CrossIterationBatchNorm or "
+                 "CrossMiniBatchNorm",
+                 3)
+                 .apply(std::move(outs));
+      dx = outs[0];
+      dw = outs[1];
+      db = outs[2];
+    }
     return {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
             Tensor()};
   }

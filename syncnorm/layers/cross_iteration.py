@@ -408,15 +408,17 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
 
     def _weight_products(self, conv: _ConvNd, dmean: torch.Tensor, dvar: torch.Tensor):
         """``(<dmean_s, W>, <dvar_s, W>)`` per slot s and channel, plus the conv bias in the first; returned in fp64
-        (the first accumulated in fp64, the second in the derivative's dtype)."""
+        (the first accumulated in fp64, the second in the derivative's dtype, at least fp32)."""
         C, groups = self.num_features, conv.groups
         w = conv.weight.detach().to(_F64).reshape(C, -1)
         mean_part = torch.einsum("sgk,gok->sgo", dmean.to(_F64), w.view(groups, C // groups, -1)).reshape(-1, C)
         if conv.bias is not None:
             mean_part = mean_part + conv.bias.detach().to(_F64)
         # weight-sized: one batched matmul in the derivative's dtype (fp32 accumulation for fp32 models; the
-        # centred derivative keeps this term of the size of sigma^2, so its rounding stays below the batch noise)
-        var_part = torch.linalg.vecdot(dvar, conv.weight.detach().to(dvar.dtype).reshape(C, -1)).to(_F64)
+        # centred derivative keeps this term of the size of sigma^2, so its rounding stays below the batch noise);
+        # fp16 / bf16 derivatives are widened first: the products overflow fp16 long before the statistics do
+        acc = torch.promote_types(dvar.dtype, torch.float32)
+        var_part = torch.linalg.vecdot(dvar.to(acc), conv.weight.detach().to(acc).reshape(C, -1)).to(_F64)
         return mean_part, var_part
 
     def _compensated_prior(self, conv: Optional[_ConvNd], filled: int) -> Moments:
