@@ -122,7 +122,9 @@ class _Source:
 
     @property
     def device(self):
-        return self.module.running_mean.device if self.weight is None else self.weight.device
+        # None for a layer that holds no tensor (affine=False, track_running_stats=False): the default device
+        t = self.weight if self.weight is not None else self.module.running_mean
+        return None if t is None else t.device
 
     @property
     def dtype(self):

@@ -696,3 +696,22 @@ def test_tracing_runs_no_user_hook(resnet18):
     assert seen == [] and net.layer2[0].bn1.paired_conv is net.layer2[0].conv1
     net.eval()(torch.randn(1, 3, 32, 32))
     assert seen == ["Tensor"]
+
+
+@pytest.mark.parametrize("to", ["sync", "renorm", "cross_iteration", "cross_minibatch", "batch", "frozen"])
+def test_layer_without_tensors_converts_and_reverts(to):
+    # affine=False and track_running_stats=False: the layer holds no tensor to take a device or dtype from (this
+    # raised AttributeError); renorm and frozen need running statistics and refuse it with their own error
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False, track_running_stats=False))
+    x = torch.randn(2, 3, 5, 5)
+    if to in ("renorm", "frozen"):
+        with pytest.raises(ValueError, match="track_running_stats"):
+            convert(copy.deepcopy(net), to)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = convert(copy.deepcopy(net), to)
+        assert converted[1].weight is None and converted[1].running_mean is None
+        assert converted(x).shape == (2, 4, 5, 5)
+        back = revert(converted)
+    assert type(back[1]) is nn.BatchNorm2d and back[1].weight is None and back[1].running_mean is None
