@@ -536,3 +536,21 @@ def test_double_backward_raises_instead_of_dropping_terms(to, python):
     finally:
         if python:
             syncnorm._ext.set_enabled(previous)
+
+
+@pytest.mark.parametrize("cls", ["SyncBatchNorm", "BatchRenorm", "CrossIterationBatchNorm", "CrossMiniBatchNorm"])
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"eps": "x"}, TypeError, r"\(4\): eps must be a real number > 0, got str 'x'"),
+    ({"eps": float("nan")}, ValueError, r"\(4\): eps must be a finite number > 0, got nan"),
+    ({"eps": 0.0}, ValueError, r"\(4\): eps must be a finite number > 0, got 0.0"),
+    ({"eps": True}, TypeError, r"\(4\): eps must be a real number > 0, got bool"),
+    ({"momentum": "0.1"}, TypeError, r"\(4\): momentum must be a real number in \[0, 1\] or None, got str"),
+    ({"momentum": float("nan")}, ValueError, r"\(4\): momentum must be in \[0, 1\] or None, got nan"),
+    ({"momentum": 1.5}, ValueError, r"\(4\): momentum must be in \[0, 1\] or None, got 1.5"),
+])
+def test_bad_eps_and_momentum_raise_naming_the_layer(cls, kwargs, error, message):
+    # a string eps used to fail inside a comparison with no name, and eps=nan was accepted (NaN outputs)
+    with pytest.raises(error, match=cls + message):
+        getattr(syncnorm, cls)(4, **kwargs)
+    layer = getattr(syncnorm, cls)(4, eps=1, momentum=1)  # ints are fine and stored as floats
+    assert type(layer.eps) is float and type(layer.momentum) is float

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -60,12 +62,20 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         device=None,
         dtype=None,
     ) -> None:
+        name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}")
-        if eps <= 0:
-            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps!r}")
-        if momentum is not None and not (0.0 <= momentum <= 1.0):
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum!r}")
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"{name}({num_features}): eps must be a real number > 0, got {type(eps).__name__} {eps!r}")
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"{name}({num_features}): eps must be a finite number > 0, got {eps!r}")
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)):
+            raise TypeError(f"{name}({num_features}): momentum must be a real number in [0, 1] or None, got "
+                            f"{type(momentum).__name__} {momentum!r}")
+        if momentum is not None and not (0.0 <= momentum <= 1.0):  # NaN fails this too
+            raise ValueError(f"{name}({num_features}): momentum must be in [0, 1] or None, got {momentum!r}")
+        eps = float(eps)
+        momentum = None if momentum is None else float(momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
         self._syncnorm_name: Optional[str] = None
