@@ -196,10 +196,17 @@ class _WindowSpy(Callback):
                           int(pl_module.bn2.step), trainer.global_step))
 
 
+def test_cross_minibatch_accumulation_steps_is_refused():
+    # the callbacks make every window one optimizer step of the Trainer: a value here used to be silently dropped
+    for cls in (NormConversion, SyncNormPlugin):
+        with pytest.raises(ValueError, match=r"accumulation_steps=5 would be ignored: .*accumulate_grad_batches"):
+            cls("cross_minibatch", accumulation_steps=5)
+
+
 @pytest.mark.parametrize("explicit_scheduler", [False, True])
 def test_accumulation_windows_and_burn_in(explicit_scheduler):
     spy = _WindowSpy()
-    cbs = [NormConversion("cross_minibatch", include="bn1", accumulation_steps=5),
+    cbs = [NormConversion("cross_minibatch", include="bn1"),
            NormConversion("cross_iteration", include="bn2", window=2, burn_in=1),
            GradientAccumulationScheduler({0: 3, 1: 2})]
     if explicit_scheduler:

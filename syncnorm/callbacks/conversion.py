@@ -45,6 +45,12 @@ def validate_conversion_args(owner: str, to: Any, include: Any, exclude: Any, la
     if unknown:
         raise TypeError(f"{owner}: to={to!r} ({target.attr}) does not accept layer_kwargs {unknown}; accepted: "
                         f"{list(target.accepted_kwargs())}")
+    if to == "cross_minibatch" and "accumulation_steps" in layer_kwargs:
+        # the callbacks drive CmBN windows from the trainer (wire_cross_batch_layers sets accumulation_steps=None),
+        # so a value here would be silently overridden
+        raise ValueError(f"{owner}: accumulation_steps={layer_kwargs['accumulation_steps']!r} would be ignored: under "
+                         "the callbacks a CrossMiniBatchNorm window is one optimizer step of the Trainer; set "
+                         "Trainer(accumulate_grad_batches=...) instead")
 
 
 def _as_list(spec: Any) -> list:
@@ -216,7 +222,8 @@ class NormConversion(Callback):
 
     Raises:
         ValueError/TypeError at construction for an unknown target, malformed ``include``/``exclude``, a layer
-        argument the target does not accept, or a bad ``group_size``.
+        argument the target does not accept, ``accumulation_steps`` for ``cross_minibatch`` (the Trainer's
+        ``accumulate_grad_batches`` decides the windows), or a bad ``group_size``.
     """
 
     def __init__(self, to: str = "sync", include: Any = None, exclude: Any = None, revert_on_fit_end: bool = False,
