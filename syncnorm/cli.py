@@ -63,6 +63,9 @@ def load_model(spec: str):
         module = importlib.import_module(source)
     except ImportError as err:
         raise UsageError(f"cannot import module {source!r} of model spec {spec!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - the module itself fails while importing: also a bad spec
+        raise UsageError(f"importing module {source!r} of model spec {spec!r} failed: {type(err).__name__}: "
+                         f"{err}") from None
     try:
         factory = getattr(module, name)
     except AttributeError:

@@ -65,6 +65,9 @@ def test_summary_passes_layer_kwargs(capsys):
     (["summary", "tests.test_cli:small_net", "--to", "nonsense"], "invalid choice: 'nonsense'"),
     (["summary", "torchvision:no_such_net"], "torchvision has no model 'no_such_net'"),
     (["summary", "no_such_module_xyz:make"], "cannot import module 'no_such_module_xyz'"),
+    (["summary", "tests.scripts.raises_at_import:make"],
+     "importing module 'tests.scripts.raises_at_import' of model spec 'tests.scripts.raises_at_import:make' failed: "
+     "RuntimeError: boom at import"),
     (["summary", "tests.test_cli:missing"], "has no attribute 'missing'"),
     (["summary", "tests.test_cli:NOT_A_MODULE"], "not a torch.nn.Module"),
     (["summary", "tests.test_cli:broken_factory"], "factory exploded"),
