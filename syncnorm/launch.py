@@ -115,6 +115,9 @@ def build_torchrun_args(argv: Sequence[str], *, cuda_device_count: Optional[int]
         extra += ["--nproc-per-node", nproc]
 
     nnodes = parsed.nnodes if parsed.nnodes is not _UNSET else env.get("PET_NNODES", "1")
+    # torchrun itself reports these two as tracebacks (ValueError / AssertionError): check them here
+    _check_nproc(parser, nproc)
+    _check_nnodes(parser, nnodes)
     single_node = nnodes.split(":")[-1].strip() == "1"
     rendezvous_given = any(_given(parsed, d, env) for d in
                            ("standalone", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port"))
@@ -131,6 +134,27 @@ def build_torchrun_args(argv: Sequence[str], *, cuda_device_count: Optional[int]
             local = 1  # torchrun reports the bad value itself
         env_out["OMP_NUM_THREADS"] = str(max(1, _cpu_cores() // local))
     return options + extra + script, env_out
+
+
+def _check_nproc(parser, nproc: str) -> None:
+    from torch.distributed.run import determine_local_world_size
+
+    if nproc.strip().lstrip("+-").isdigit() and int(nproc) < 1:
+        parser.error(f"--nproc-per-node must be a positive int or one of cpu, gpu, auto; got {nproc!r}")
+    try:
+        determine_local_world_size(nproc)
+    except ValueError as err:
+        parser.error(f"--nproc-per-node must be a positive int or one of cpu, gpu, auto; got {nproc!r} ({err})")
+
+
+def _check_nnodes(parser, nnodes: str) -> None:
+    parts = nnodes.split(":")
+    try:
+        bounds = [int(p) for p in parts]
+    except ValueError:
+        bounds = []
+    if len(parts) not in (1, 2) or len(bounds) != len(parts) or bounds[0] < 1 or bounds[-1] < bounds[0]:
+        parser.error(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX; got {nnodes!r}")
 
 
 def _run_in_process(argv: list[str]) -> None:

@@ -98,6 +98,22 @@ def test_bad_launcher_arguments_exit_2_with_usage(outside_torchrun, capsys, argv
     assert "usage: python -m syncnorm.launch" in err and "error:" in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc-per-node", "abc", "s.py"], "--nproc-per-node must be a positive int or one of cpu, gpu, auto; got 'abc'"),
+    (["--nproc-per-node", "0", "s.py"], "--nproc-per-node must be a positive int or one of cpu, gpu, auto; got '0'"),
+    (["--nnodes", "0", "s.py"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX; got '0'"),
+    (["--nnodes", "abc", "s.py"], "got 'abc'"),
+    (["--nnodes", "3:2", "s.py"], "got '3:2'"),
+])
+def test_bad_launcher_values_exit_2_before_torchrun(outside_torchrun, capsys, argv, message):
+    # torchrun reports these as tracebacks with status 1 once it runs; they are checked before it starts
+    with pytest.raises(SystemExit) as exc:
+        launch.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m syncnorm.launch" in err and message in err
+
+
 # ------------------------------------------------------------------------------------------ inside a torchrun worker
 
 def test_launched_by_torchrun_detection():
