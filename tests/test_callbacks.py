@@ -108,6 +108,13 @@ def test_conversion_is_idempotent_and_reverts_at_fit_end():
     assert seen["in_optimizer"]
     assert type(model.bn1) is nn.BatchNorm2d and type(model.bn2) is nn.BatchNorm2d  # reverted for export
     assert set(conv.state_dict()["converted"]) == set()  # nothing left converted
+    # later evaluation runs evaluate the exported model (they used to convert it again, for good); a new fit
+    # converts again
+    t = trainer(max_steps=2, callbacks=[conv, Spy()])
+    t.validate(model, loader(dataset(4), 2), verbose=False)
+    assert type(model.bn1) is nn.BatchNorm2d and type(model.bn2) is nn.BatchNorm2d
+    trainer(max_steps=1, callbacks=[conv, Spy()]).fit(model, loader(dataset(4), 2))
+    assert seen["types"]["bn1"] == "SyncBatchNorm" and type(model.bn1) is nn.BatchNorm2d
 
 
 def test_revert_at_fit_end_keeps_user_layers_and_sharing():

@@ -207,7 +207,9 @@ class NormConversion(Callback):
     **End of fit.** With ``revert_on_fit_end=True`` the layers this callback created are turned back into plain
     ``nn.BatchNorm1d/2d/3d`` in ``on_fit_end``, for export: one ``syncnorm.convert(model, "batch")`` from the root
     restricted to those layers (a layer shared under several names stays one shared layer; the dimension is the
-    one of the layer it replaced). Layers of the target family that the user built or converted are left alone.
+    one of the layer it replaced). Layers of the target family that the user built or converted are left alone. A
+    later ``validate``/``test``/``predict`` with this callback keeps the reverted layers (it evaluates the model
+    as exported); a later ``fit`` converts again.
 
     Args:
         to: target of :func:`syncnorm.convert` (``"sync"``, ``"renorm"``, ``"cross_iteration"``,
@@ -239,6 +241,7 @@ class NormConversion(Callback):
         self.include = include
         self.exclude = exclude
         self.revert_on_fit_end = revert_on_fit_end
+        self._reverted = False  # on_fit_end reverted: later validate/test/predict keep the plain layers
         self.group_size = group_size
         self.layer_kwargs = layer_kwargs
         self._converted: dict[str, str] = {}  # qualified name -> class name, of the target-family layers selected
@@ -273,6 +276,9 @@ class NormConversion(Callback):
                 "NormConversion: Trainer(sync_batchnorm=True) would replace the syncnorm layers converted here by "
                 "torch.nn.SyncBatchNorm (which needs CUDA) after setup; remove sync_batchnorm=True, NormConversion "
                 f"already gives synchronised statistics (to={self.to!r})")
+        if self._reverted and stage != "fit":
+            return  # the model was reverted for export at the end of fit: evaluate it as it is now
+        self._reverted = False
         kwargs = dict(self.layer_kwargs)
         if self.group_size is not None:
             if not self._has_group:
@@ -329,6 +335,7 @@ class NormConversion(Callback):
         revert_made(pl_module, self.to, self._made)
         self._made = set()
         self._converted = {}
+        self._reverted = True
 
     @override
     def state_dict(self) -> dict[str, Any]:
