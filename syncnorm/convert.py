@@ -726,6 +726,20 @@ def _convert(root: nn.Module, to: str, include, exclude, subclasses: str, kwargs
         _pair_by_graph(root, sources, found)
         for key, src in sources.items():
             src.paired_conv = found[key] if key in found else _pair_by_order(root, src)
+        # a conv feeding several layers pairs with none of them: each compensated layer consumes its conv's captured
+        # input, and a conv can be attached to one layer only
+        users: dict[int, list[_Source]] = {}
+        for src in sources.values():
+            if src.paired_conv is not None:
+                users.setdefault(id(src.paired_conv), []).append(src)
+        shared = sorted(src.name or "<root>" for group in users.values() if len(group) > 1 for src in group)
+        for group in users.values():
+            if len(group) > 1:
+                for src in group:
+                    src.paired_conv = None
+        if shared:
+            warnings.warn(f"syncnorm.convert: {len(shared)} layer(s) are fed by a conv that feeds several norm layers, "
+                          f"so none of them is paired with it: {', '.join(shared)}", UserWarning, stacklevel=2)
     elif to == "batch":
         for src in sources.values():
             if src.origin.dim is None:  # a layer built directly: the conv it is attached to, else its neighbour

@@ -715,3 +715,27 @@ def test_layer_without_tensors_converts_and_reverts(to):
         assert converted(x).shape == (2, 4, 5, 5)
         back = revert(converted)
     assert type(back[1]) is nn.BatchNorm2d and back[1].weight is None and back[1].running_mean is None
+
+
+class _ConvTwoNorms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn1(y) + self.bn2(y)
+
+
+def test_a_conv_feeding_two_norm_layers_pairs_with_neither():
+    # both used to be attached to the conv; the first consumed the captured input and the second raised in training
+    with pytest.warns(UserWarning, match=r"fed by a conv that feeds several norm layers.*bn1, bn2"):
+        net = convert(_ConvTwoNorms(), "cross_iteration", window=3)
+    assert net.bn1.paired_conv is None and net.bn2.paired_conv is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unpaired layers' fallback warning
+        for _ in range(3):
+            net(torch.randn(2, 3, 5, 5)).sum().backward()
+    assert int(net.bn1.history_filled) == 2 and not bool(net.bn1.history_compensable.any())

@@ -622,3 +622,19 @@ def test_half_model_history_products_do_not_overflow_on_either_path():
         outs[python] = ys
     for a, b in zip(outs[False], outs[True]):
         assert compare("y", a, b, 2e-2, 2e-2) is None, compare("y", a, b, 2e-2, 2e-2)
+
+
+def test_a_conv_attaches_to_one_layer_at_a_time():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    first, second = syncnorm.CrossIterationBatchNorm(4), syncnorm.CrossIterationBatchNorm(4)
+    first.attach(conv)
+    first.attach(conv)  # attaching again to the same layer is fine
+    with pytest.raises(ValueError, match=r"this Conv2d is already attached to CrossIterationBatchNorm\(4\);.*detach\(\)"):
+        second.attach(conv)
+    assert first.paired_conv is conv and second.paired_conv is None
+    first.detach()
+    second.attach(conv)
+    assert second.paired_conv is conv
+    from syncnorm.layers.cross_iteration import _capture_conv_input
+
+    assert sum(1 for fn in conv._forward_hooks.values() if fn is _capture_conv_input) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -38,6 +39,17 @@ def _conv_output_size(conv: _ConvNd, size: tuple[int, ...]) -> tuple[int, ...]:
     padding = (0,) * len(size) if conv.padding == "valid" else conv.padding
     return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
                  for n, p, d, k, s in zip(size, padding, conv.dilation, conv.kernel_size, conv.stride))
+
+
+# conv -> weak reference to the CrossIterationBatchNorm attached to it (neither keeps the other alive; deep copies and
+# pickles of either carry nothing of it)
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _owner_of(conv: nn.Module) -> Optional["CrossIterationBatchNorm"]:
+    ref = _OWNERS.get(conv)
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and owner.paired_conv is conv else None
 
 
 def _remove_capture_hook(conv: nn.Module) -> None:
@@ -171,7 +183,9 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     def attach(self, conv: nn.Module) -> "CrossIterationBatchNorm":
         """Pair this layer with the conv whose output it normalises; returns ``self``.
 
-        Registers a forward hook on ``conv`` that keeps its last training input until this layer has read it.
+        Registers a forward hook on ``conv`` that keeps its last training input until this layer has read it. A conv
+        already attached to another CrossIterationBatchNorm is refused (ValueError): call that layer's
+        :meth:`detach` first.
         Accepts ``nn.Conv1d/2d/3d`` (any groups, stride, dilation, padding, padding_mode) with
         ``out_channels == num_features``. If the history's gradient buffers have another shape (a different conv),
         they are re-allocated and the slots already recorded are used without compensation.
@@ -182,9 +196,16 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         if conv.out_channels != self.num_features:
             raise ValueError(f"{self.layer_name}: attach expects a conv with out_channels={self.num_features}, "
                              f"got out_channels={conv.out_channels}")
+        owner = _owner_of(conv)
+        if owner is not None and owner is not self:
+            raise ValueError(f"{self.layer_name}: this {type(conv).__name__} is already attached to {owner.layer_name}; "
+                             "a conv can feed one compensated layer (the layer consumes the conv's captured input "
+                             "each step): detach() the other layer first")
         self.detach()
+        _remove_capture_hook(conv)  # a hook left by a layer that no longer exists, or copied with the conv
         conv.register_forward_hook(_capture_conv_input)
         self._conv = [conv]
+        _OWNERS[conv] = weakref.ref(self)
         dmean_shape, dvar_shape = self._grad_shapes(conv)
         if tuple(self.history_dmean.shape) != dmean_shape or tuple(self.history_dvar.shape) != dvar_shape:
             dtype = conv.weight.dtype
@@ -198,6 +219,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         conv = self.paired_conv
         if conv is not None:
             _remove_capture_hook(conv)
+            if _owner_of(conv) is self:
+                del _OWNERS[conv]
         self._conv = []
 
     def _grad_shapes(self, conv: _ConvNd) -> tuple[tuple[int, ...], tuple[int, ...]]:
