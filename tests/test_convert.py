@@ -739,3 +739,27 @@ def test_a_conv_feeding_two_norm_layers_pairs_with_neither():
         for _ in range(3):
             net(torch.randn(2, 3, 5, 5)).sum().backward()
     assert int(net.bn1.history_filled) == 2 and not bool(net.bn1.history_compensable.any())
+
+
+@pytest.mark.parametrize("to", ["cross_iteration", "cross_minibatch"])
+def test_plain_batchnorm_checkpoint_loads_strictly_and_the_family_state_starts_empty(to):
+    # SyncNormPlugin writes checkpoints with BatchNorm's keys only; its docstring promises they load into a model
+    # converted by NormConversion (they raised "Missing key(s)" for the CBN history / CmBN window buffers)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    plain(torch.randn(4, 3, 5, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = convert(copy.deepcopy(plain), to, **({"window": 3} if to == "cross_iteration" else {}))
+    for _ in range(3):
+        net(torch.randn(4, 3, 5, 5)).sum().backward()
+    family = {k for k in net.state_dict() if k not in plain.state_dict()}
+    assert family and any(bool(net.state_dict()[k].any()) for k in family)  # some state to forget
+    result = net.load_state_dict(plain.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(not bool(net.state_dict()[k].any()) for k in family)  # empty history / window, step 0
+    torch.testing.assert_close(net[1].running_mean, plain[1].running_mean)
+    # a checkpoint that has some of the family buffers but not all still reports the others
+    partial = {**plain.state_dict(), next(iter(sorted(family))): net.state_dict()[next(iter(sorted(family)))]}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        net.load_state_dict(partial, strict=True)

@@ -112,7 +112,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     (``history_dmean``, ``history_dvar``) take the shape of a loaded checkpoint when the layer is not attached yet.
     The per-slot counts and moments (``history_count``, ``history_mean``, ``history_var``, ``history_mean_at``,
     ``history_var_at``) are fp64 and stay fp64 when the module is cast (``.half()``, ``.to(dtype)``); the
-    derivatives take the module's dtype. Under DDP the (already identical) buffers are re-broadcast each step unless ``broadcast_buffers=False``.
+    derivatives take the module's dtype. A checkpoint without any of the history buffers (a plain BatchNorm's)
+    loads, also strictly: the history starts empty and ``step`` at 0. Under DDP the (already identical) buffers are re-broadcast each step unless ``broadcast_buffers=False``.
 
     **Cost.** One all-reduce in forward of ``2C + 2`` fp64 values plus, while compensation records history,
     ``C_in * prod(kernel) + weight.numel()`` fp64 values (``8 *`` that many bytes); one in backward of ``2C``
@@ -130,6 +131,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     """
 
     _fp64_buffers = ("history_count", "history_mean", "history_var", "history_mean_at", "history_var_at")
+    _family_buffers = _HISTORY_ORDER
 
     def __init__(
         self,
@@ -234,6 +236,11 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{self.layer_name}: step must be an int >= 0, got {step!r}")
         self.step.fill_(step)
+
+    def _reset_family_state(self) -> None:
+        self.reset_history()
+        with torch.no_grad():
+            self.step.zero_()
 
     def reset_history(self) -> None:
         """Forget every recorded iteration (the step counter is kept)."""

@@ -43,7 +43,8 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
     **State.** The window's cumulative moments (``window_count``, ``window_mean``, ``window_m2``, fp64) and the
     number of forwards in it (``window_forwards``) are registered buffers, so a checkpoint taken mid-window resumes
     exactly. The three fp64 buffers stay fp64 when the module is cast (``.half()``, ``.to(dtype)``); they follow
-    its device.
+    its device. A checkpoint without any of the four window buffers (a plain BatchNorm's) loads, also strictly,
+    and the window starts empty.
 
     **Cost.** As :class:`syncnorm.SyncBatchNorm`: one all-reduce of ``2C + 2`` fp64 values in forward and one of
     ``2C`` values in backward, whatever the world size; the merge with the window is O(C).
@@ -56,6 +57,7 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
     """
 
     _fp64_buffers = ("window_count", "window_mean", "window_m2")
+    _family_buffers = ("window_count", "window_mean", "window_m2", "window_forwards")
 
     def __init__(
         self,
@@ -86,6 +88,9 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{self.layer_name}: accumulation_steps must be None or an int >= 1, got {value!r}")
         self._accumulation_steps = value
+
+    def _reset_family_state(self) -> None:
+        self.reset()
 
     def reset(self) -> None:
         """Start a new accumulation window: the next training forward uses only its own batch's statistics."""

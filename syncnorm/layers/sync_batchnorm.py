@@ -50,6 +50,9 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     # buffers that accumulate statistics in float64 by design (counts and moments pooled over steps): dtype casts of
     # the module (.half(), .float(), .to(dtype)) leave them in float64, device moves apply (see _apply)
     _fp64_buffers: tuple[str, ...] = ()
+    # buffers beyond BatchNorm's that hold the family's own state (CBN history, CmBN window); a checkpoint that has
+    # none of them (plain BatchNorm's, or SyncNormPlugin's) loads, and that state starts empty (_reset_family_state)
+    _family_buffers: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -92,6 +95,20 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        family = {prefix + name for name in self._family_buffers if self._buffers.get(name) is not None}
+        if family and not family & state_dict.keys():
+            # a checkpoint with BatchNorm's keys only: this layer's own state starts empty (a checkpoint that has
+            # some of these keys but not all still reports the missing ones)
+            missing_keys[:] = [k for k in missing_keys if k not in family]
+            self._reset_family_state()
+
+    def _reset_family_state(self) -> None:
+        """Empty the state in :attr:`_family_buffers` (called when a checkpoint without it is loaded)."""
 
     # ------------------------------------------------------------------ validation
     def _check_input_dim(self, input: torch.Tensor) -> None:
