@@ -554,3 +554,23 @@ def test_bad_eps_and_momentum_raise_naming_the_layer(cls, kwargs, error, message
         getattr(syncnorm, cls)(4, **kwargs)
     layer = getattr(syncnorm, cls)(4, eps=1, momentum=1)  # ints are fine and stored as floats
     assert type(layer.eps) is float and type(layer.momentum) is float
+
+
+@pytest.mark.parametrize("cls", ["SyncBatchNorm", "BatchRenorm", "CrossIterationBatchNorm", "CrossMiniBatchNorm"])
+@pytest.mark.parametrize("module_dtype,input_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32),
+                                                      (torch.bfloat16, torch.float32)])
+def test_eval_takes_the_dtype_combinations_training_takes(cls, module_dtype, input_dtype):
+    # training accepts them (it computes in the input's dtype, fp32 at least); eval used to raise "mixed dtype"
+    # from F.batch_norm, so a model trained for an epoch failed at its first validation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CBN without a conv
+        layer = getattr(syncnorm, cls)(C).to(module_dtype)
+        x = torch.randn(4, C, 5, 5, dtype=input_dtype) * 2 + 1
+        assert layer(x).dtype == input_dtype  # a training step
+    layer.eval()
+    y = layer(x)
+    target = input_dtype
+    ref = F.batch_norm(x, layer.running_mean.to(target), layer.running_var.to(target), layer.weight.to(target),
+                       layer.bias.to(target), False, 0.0, layer.eps)
+    assert y.dtype == input_dtype
+    torch.testing.assert_close(y, ref)

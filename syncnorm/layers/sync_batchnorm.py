@@ -133,16 +133,17 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         if not self.training:
             self._check_input_dim(input)
             # eval: nn.BatchNorm eval (running statistics, or local batch statistics without running stats)
-            return F.batch_norm(
-                input,
-                self.running_mean if self.track_running_stats else None,
-                self.running_var if self.track_running_stats else None,
-                self.weight,
-                self.bias,
-                self._use_batch_stats(),
-                0.0,
-                self.eps,
-            )
+            tensors = [self.running_mean if self.track_running_stats else None,
+                       self.running_var if self.track_running_stats else None, self.weight, self.bias]
+            dtypes = {t.dtype for t in tensors if t is not None}
+            low = input.dtype in (torch.float16, torch.bfloat16)
+            if dtypes and dtypes != {input.dtype} and not (low and dtypes == {torch.float32}):
+                # the dtype combinations the training path takes but F.batch_norm refuses (an fp32 module on fp64
+                # input, a .half() module on fp32 input): compute in the input's dtype (fp32 for fp16/bf16 input),
+                # as training does, instead of training fine and failing at the first evaluation
+                target = torch.float32 if low else input.dtype
+                tensors = [None if t is None else t.to(target) for t in tensors]
+            return F.batch_norm(input, *tensors[:2], *tensors[2:], self._use_batch_stats(), 0.0, self.eps)
         return self._train_forward(input)
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
