@@ -174,7 +174,9 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
     exactly one value per channel, every rank raises the same ValueError (as ``nn.BatchNorm`` does).
 
     **Gradients.** The input gradient is the exact gradient of the sum of every rank's loss, as in
-    ``torch.nn.SyncBatchNorm``; ``weight``/``bias`` gradients are the local ones (DDP averages them).
+    ``torch.nn.SyncBatchNorm``; ``weight``/``bias`` gradients are the local ones (DDP averages them). First order
+    only: the backward runs outside autograd, so differentiating the gradients again (``create_graph=True``, e.g.
+    a gradient penalty) raises RuntimeError when it reaches this layer.
 
     **Running statistics** (when ``track_running_stats``) are updated identically on every rank from the global
     statistics: ``running_var`` with the *unbiased* global variance (global count ``N_total - 1``), ``momentum=None``
@@ -194,9 +196,12 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
 
     **Precision and layout.** Statistics accumulate in fp32 (fp64 for fp64 input) even for fp16/bf16 input or under
     autocast; the output has the input's dtype and memory format (channels_last / channels_last_3d preserved).
+    Parameters and running statistics in another dtype (a module cast with ``.half()``, an fp32 module on fp64
+    input) are used in the input's dtype (fp32 for fp16/bf16 input), in training and in eval.
 
-    **Errors.** Input with fewer than 2 dims, a wrong channel count or a non-floating dtype raises ValueError /
-    TypeError naming the layer, the expected and the actual value. In training the offending rank still joins the
+    **Errors.** A non-real ``eps`` / ``momentum`` raises TypeError, ``eps`` not a finite number > 0 or ``momentum``
+    outside [0, 1] ValueError, at construction. Input with fewer than 2 dims, a wrong channel count or a
+    non-floating dtype raises ValueError / TypeError naming the layer, the expected and the actual value. In training the offending rank still joins the
     forward collective with an error flag, so every other rank raises :class:`syncnorm.stats.PeerInputError`
     instead of hanging.
 
