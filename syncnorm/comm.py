@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 __all__ = [
     "is_initialized",
+    "is_process_group",
     "get_world_size",
     "get_rank",
     "get_backend",
@@ -34,6 +35,12 @@ ProcessGroup = Any  # torch.distributed.ProcessGroup, kept loose so type hints w
 def is_initialized() -> bool:
     """True when ``torch.distributed`` is available and a default process group exists."""
     return dist.is_available() and dist.is_initialized()
+
+
+def is_process_group(obj: Any) -> bool:
+    """Whether ``obj`` can be a layer's ``process_group``: None (the default group) or a
+    ``torch.distributed.ProcessGroup``."""
+    return obj is None or (dist.is_available() and isinstance(obj, dist.ProcessGroup))
 
 
 def get_world_size(group: Optional[ProcessGroup] = None) -> int:

@@ -296,7 +296,11 @@ def test_replaced_layer_hands_its_hook_dicts_over():
 
 
 def test_process_group_reaches_nested_layers_and_is_kept():
-    group = object()  # stands for a process group: single process, only the hand-over is tested
+    import torch.distributed as dist
+
+    # a real ProcessGroup object, never initialised or used for a collective: single process, only the hand-over
+    # is tested (layers refuse anything that is not a ProcessGroup)
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
     net = make_net()
     convert(net, "sync", process_group=group)
     assert all(m.process_group is group for m in norm_layers(net).values())

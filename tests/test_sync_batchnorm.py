@@ -547,8 +547,10 @@ def test_double_backward_raises_instead_of_dropping_terms(to, python):
     ({"momentum": "0.1"}, TypeError, r"\(4\): momentum must be a real number in \[0, 1\] or None, got str"),
     ({"momentum": float("nan")}, ValueError, r"\(4\): momentum must be in \[0, 1\] or None, got nan"),
     ({"momentum": 1.5}, ValueError, r"\(4\): momentum must be in \[0, 1\] or None, got 1.5"),
+    ({"process_group": "world"}, TypeError, r"\(4\): process_group must be None or a torch.distributed.ProcessGroup"),
+    ({"process_group": 1}, TypeError, r"\(4\): process_group must be None or .*got int 1"),
 ])
-def test_bad_eps_and_momentum_raise_naming_the_layer(cls, kwargs, error, message):
+def test_bad_eps_momentum_and_group_raise_naming_the_layer(cls, kwargs, error, message):
     # a string eps used to fail inside a comparison with no name, and eps=nan was accepted (NaN outputs)
     with pytest.raises(error, match=cls + message):
         getattr(syncnorm, cls)(4, **kwargs)

@@ -79,6 +79,10 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
             raise ValueError(f"{name}({num_features}): momentum must be in [0, 1] or None, got {momentum!r}")
         eps = float(eps)
         momentum = None if momentum is None else float(momentum)
+        if not comm.is_process_group(process_group):
+            raise TypeError(f"{name}({num_features}): process_group must be None or a torch.distributed.ProcessGroup "
+                            f"(e.g. from syncnorm.comm.new_groups), got {type(process_group).__name__} "
+                            f"{process_group!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
         self._syncnorm_name: Optional[str] = None
@@ -199,7 +203,8 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
     Parameters and running statistics in another dtype (a module cast with ``.half()``, an fp32 module on fp64
     input) are used in the input's dtype (fp32 for fp16/bf16 input), in training and in eval.
 
-    **Errors.** A non-real ``eps`` / ``momentum`` raises TypeError, ``eps`` not a finite number > 0 or ``momentum``
+    **Errors.** A non-real ``eps`` / ``momentum``, or a ``process_group`` that is neither None nor a
+    ``torch.distributed.ProcessGroup``, raises TypeError, ``eps`` not a finite number > 0 or ``momentum``
     outside [0, 1] ValueError, at construction. Input with fewer than 2 dims, a wrong channel count or a
     non-floating dtype raises ValueError / TypeError naming the layer, the expected and the actual value. In training the offending rank still joins the
     forward collective with an error flag, so every other rank raises :class:`syncnorm.stats.PeerInputError`
