@@ -759,6 +759,10 @@ def test_plain_batchnorm_checkpoint_loads_strictly_and_the_family_state_starts_e
         net(torch.randn(4, 3, 5, 5)).sum().backward()
     family = {k for k in net.state_dict() if k not in plain.state_dict()}
     assert family and any(bool(net.state_dict()[k].any()) for k in family)  # some state to forget
+    # a partial, non-strict load that does not contain this layer leaves its state alone
+    before = {k: net.state_dict()[k].clone() for k in family}
+    net.load_state_dict({k: v for k, v in plain.state_dict().items() if k.startswith("0.")}, strict=False)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
     result = net.load_state_dict(plain.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert all(not bool(net.state_dict()[k].any()) for k in family)  # empty history / window, step 0

@@ -102,12 +102,16 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
+        # read before nn.BatchNorm's loader, which inserts num_batches_tracked into checkpoints of old versions
+        has_layer = any(prefix + name in state_dict
+                        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         family = {prefix + name for name in self._family_buffers if self._buffers.get(name) is not None}
-        if family and not family & state_dict.keys():
+        if family and has_layer and not family & state_dict.keys():
             # a checkpoint with BatchNorm's keys only: this layer's own state starts empty (a checkpoint that has
-            # some of these keys but not all still reports the missing ones)
+            # some of these keys but not all still reports the missing ones; one without this layer at all, e.g. a
+            # partial strict=False load of other modules, leaves its state alone)
             missing_keys[:] = [k for k in missing_keys if k not in family]
             self._reset_family_state()
 
