@@ -139,7 +139,10 @@ class SameHostChannel:
     Created collectively (see :func:`_same_host_channel`): group rank 0 creates a file in ``/dev/shm`` (the
     temporary directory where there is none), every rank maps it, then it is unlinked, so nothing outlives the
     processes. The synchronisation and the rank-ordered sum are in the C++ kernels (``shm_all_reduce`` in
-    ``syncnorm/csrc/norm_cpu.cpp``). A rank that never arrives makes its peers raise after
+    ``syncnorm/csrc/norm_cpu.cpp``), which also keep the channel's round counter (``handle`` names the channel
+    there). The kernels' training steps exchange their statistics vectors over the channel directly, without a
+    call back into Python (see :func:`syncnorm._ext.reducer_key`); every exchange, from here or from the kernels,
+    takes the next round of the same counter. A rank that never arrives makes its peers raise after
     ``SYNCNORM_SHM_TIMEOUT`` seconds (default 1800, gloo's default timeout) instead of hanging. Whether a group
     uses the channel is decided from every rank's settings (host, ``SYNCNORM_SHM``, the C++ kernels, the timeout),
     so all ranks agree.
@@ -148,7 +151,7 @@ class SameHostChannel:
     def __init__(self, ops, mapping, address: int, rank: int, world: int, capacity: int, timeout: float) -> None:
         self._ops, self._mapping, self._address = ops, mapping, address
         self.rank, self.world, self.capacity, self.timeout = rank, world, capacity, timeout
-        self._round = 0
+        self.handle: int = ops.shm_open(address, rank, world, capacity, timeout)
 
     def fits(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` (contiguous, CPU, float32/float64) fits one slot."""
@@ -156,16 +159,17 @@ class SameHostChannel:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> None:
         """In-place sum over the group's ranks; every rank must call it in the same order with the same size."""
-        self._round += 1
-        self._ops.shm_all_reduce(self._address, self.rank, self.world, self._round, self.capacity, tensor,
-                                 self.timeout)
+        self._ops.shm_round(self.handle, tensor)
 
     def announce(self, tensor: torch.Tensor) -> None:
         """A round that exchanges only ``tensor``'s byte size and dtype: raises RuntimeError on every rank when a peer
         posted a different size or dtype in the same round (the caller then all-reduces ``tensor`` elsewhere)."""
-        self._round += 1
-        self._ops.shm_all_reduce(self._address, self.rank, self.world, self._round, self.capacity, tensor,
-                                 self.timeout, True)
+        self._ops.shm_round(self.handle, tensor, True)
+
+    @property
+    def rounds(self) -> int:
+        """Rounds taken on this channel so far, from Python and from the kernels."""
+        return self._ops.shm_rounds(self.handle)
 
 
 def _same_host_channel(group: Optional[ProcessGroup]) -> Optional[SameHostChannel]:

@@ -148,3 +148,71 @@ def _one_rank_opts_out(rank: int, world: int) -> dict:
 def test_ranks_with_different_settings_agree():
     for r in run_distributed(_one_rank_opts_out, 2, timeout=120):
         assert not r["channel"] and r["sum"] == [3.0, 3.0, 3.0]
+
+
+def _direct_route_checks(rank: int, world: int) -> dict:
+    import torch.nn as nn
+
+    import syncnorm
+    from tests.dist.harness import CollectiveLedger
+
+    ops = _ext.ops()
+    calls = []
+
+    def spy(tensor, key):  # counts the kernels' calls back into Python
+        calls.append(tensor.numel())
+        _ext._reduce(tensor, key)
+
+    ops.set_reducer(spy)
+    out: dict = {}
+    try:
+        comm.all_reduce_sum(torch.zeros(1, dtype=torch.float64))  # sets the channel up
+        channel = comm._same_host_channel(None)
+
+        def step(layer, x, ledger=False):
+            # (rounds taken, Python calls) by the forward and by the backward, and the results
+            x = x.clone().requires_grad_(True)
+            r0, c0 = channel.rounds, len(calls)
+            y = layer(x)
+            r1, c1 = channel.rounds, len(calls)
+            y.backward(torch.cos(y.detach()))
+            r2, c2 = channel.rounds, len(calls)
+            return (r1 - r0, c1 - c0, r2 - r1, c2 - c1), y.detach(), x.grad
+
+        torch.manual_seed(0)
+        x = torch.randn(3 + rank, 8, 4, 4)
+        bn = syncnorm.SyncBatchNorm(8)
+        out["sync"], y, dx = step(bn, x)
+        with CollectiveLedger() as led:  # a replaced comm.all_reduce_sum sees every collective
+            out["sync_ledger"], y2, dx2 = step(bn, x)
+        out["ledger"] = [e[0] for e in led.entries]
+        out["same_as_ledger_run"] = bool(torch.equal(y, y2) and torch.equal(dx, dx2))
+        # one rank instrumented, the other not: still in step, same results
+        if rank == 0:
+            with CollectiveLedger():
+                _, y3, dx3 = step(bn, x)
+        else:
+            _, y3, dx3 = step(bn, x)
+        out["mixed_same"] = bool(torch.equal(y, y3) and torch.equal(dx, dx3))
+        # a forward vector too big for the slot (CBN's weight-gradient payload, (1 + 256) * 1152 fp64 values):
+        # the kernels hand it to Python (announced, then gloo); the backward's 2C values go direct
+        torch.manual_seed(1)
+        conv = nn.Conv2d(128, 256, 3, padding=1, bias=False)
+        net = nn.Sequential(conv, syncnorm.CrossIterationBatchNorm(256, window=2).attach(conv))
+        out["big"], _, _ = step(net, torch.randn(1 + rank, 128, 4, 4))
+        out["big_payload_bytes"] = (1 + 256) * 1152 * 8
+    finally:
+        ops.set_reducer(_ext._reduce)
+    return out
+
+
+def test_kernels_use_the_channel_directly():
+    for r in run_distributed(_direct_route_checks, 2, timeout=180):
+        # one round each way, no call into Python
+        assert r["sync"] == (1, 0, 1, 0), r
+        # with comm.all_reduce_sum replaced, the same rounds, through Python, seen by the replacement
+        assert r["sync_ledger"] == (1, 1, 1, 1) and r["ledger"] == ["all_reduce_sum"] * 2, r
+        assert r["same_as_ledger_run"] and r["mixed_same"], r
+        # the oversized forward vector: Python, which announces it on the channel (one round) and uses gloo
+        assert r["big_payload_bytes"] > comm.SHM_SLOT_BYTES
+        assert r["big"] == (1, 1, 1, 0), r

@@ -41,6 +41,7 @@
 #include <type_traits>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -637,6 +638,30 @@ namespace {
 
 py::object* g_reducer = nullptr;  // never destroyed: it must outlive the interpreter's teardown
 
+}  // namespace
+
+// A direct route (see "same-host shared-memory all-reduce" below): all-reduces t over the channel `handle` and
+// returns true, or returns false, with nothing exchanged, when t cannot go through its slot.
+bool direct_all_reduce(const Tensor& t, int64_t handle);
+
+namespace {
+
+// Reducer keys: -1 is a group of one rank (no collective); a key with this bit set names a same-host channel
+// (handle = key without the bit), which the kernels use directly for any vector that fits its slot; any other
+// key, and a vector that does not fit, goes through the Python reducer (syncnorm._ext._reduce ->
+// syncnorm.comm.all_reduce_sum). Both ways draw the channel's rounds from the same counter.
+constexpr int64_t kDirectKey = int64_t(1) << 62;
+
+// The all-reduce of a packed statistics vector, in place, under reducer key `key`. Callable with or without the
+// GIL (the autograd engine runs the backward without it); the Python reducer takes it when needed.
+void all_reduce_packed(const Tensor& t, int64_t key) {
+  if (key < 0) return;
+  if ((key & kDirectKey) && direct_all_reduce(t, key & ~kDirectKey)) return;
+  py::gil_scoped_acquire gil;
+  TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
+  (*g_reducer)(t, key);
+}
+
 // Every Tensor argument of an autograd node must be defined: an absent weight or bias travels as an empty tensor.
 Tensor or_empty(const c10::optional<Tensor>& t, const Tensor& like) {
   return t.has_value() && t->defined() ? *t : at::empty({0}, like.options());
@@ -667,12 +692,7 @@ struct FusedNorm : public torch::autograd::Function<FusedNorm> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const int64_t reducer = ctx->saved_data["reducer"].toInt();
-    auto reduce = [reducer](const Tensor& packed) {
-      if (reducer < 0) return;  // world size 1: no collective
-      py::gil_scoped_acquire gil;
-      TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
-      (*g_reducer)(packed, reducer);
-    };
+    auto reduce = [reducer](const Tensor& packed) { all_reduce_packed(packed, reducer); };
     const int64_t w_dtype = ctx->needs_input_grad(1) ? ctx->saved_data["w_dtype"].toInt() : int64_t(-1);
     const int64_t b_dtype = ctx->needs_input_grad(2) ? ctx->saved_data["b_dtype"].toInt() : int64_t(-1);
     auto [dx, dw, db] = backward_all(grads[0], saved[0], saved[1], ctx->saved_data["total"].toInt(),
@@ -718,13 +738,9 @@ std::tuple<Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tenso
   return {out[0], out[1]};
 }
 
-// The forward all-reduce of the packed statistics vector, in place, through the Python reducer (syncnorm.comm);
-// reducer < 0 (a group of one rank): none.
-void forward_all_reduce(const Tensor& buf, int64_t reducer) {
-  if (reducer < 0) return;
-  TORCH_CHECK(g_reducer != nullptr, "syncnorm: no reducer registered");
-  (*g_reducer)(buf, reducer);
-}
+// The forward all-reduce of the packed statistics vector, in place (see all_reduce_packed); reducer < 0 (a group
+// of one rank): none.
+void forward_all_reduce(const Tensor& buf, int64_t reducer) { all_reduce_packed(buf, reducer); }
 
 // One training forward of a layer without prior moments or payload (SyncBatchNorm, BatchRenorm), in one call:
 // local_pack, the forward all-reduce through the Python reducer (reducer < 0: none), finish, then, unless a peer
@@ -1261,7 +1277,10 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
   shape(rank)[1] = static_cast<int64_t>(t.scalar_type());
   posted(rank)->store(round, std::memory_order_release);
   {
-    py::gil_scoped_release no_gil;  // waiting must not block this process's other Python threads
+    // waiting must not block this process's other Python threads (when called with the GIL: the backward's
+    // direct route runs without it)
+    c10::optional<py::gil_scoped_release> no_gil;
+    if (PyGILState_Check()) no_gil.emplace();
     const auto start = std::chrono::steady_clock::now();
     for (int64_t r = 0; r < world; ++r) {
       int64_t spins = 0;
@@ -1304,6 +1323,73 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
   });
 }
 
+// Channels as the kernels see them: one route per channel syncnorm.comm opens (never closed: comm keeps every
+// channel's mapping alive), with the channel's round counter. Every exchange on a channel, from Python
+// (shm_round) or from the kernels (direct_all_reduce), takes its round number here, under the route's lock.
+namespace {
+struct ShmRoute {
+  int64_t base, rank, world, capacity;
+  double timeout;
+  int64_t round = 0;
+  std::mutex lock;
+};
+std::mutex g_routes_lock;
+std::vector<std::unique_ptr<ShmRoute>>* g_routes = nullptr;  // never destroyed (see g_reducer)
+std::atomic<bool> g_skip_direct{false};
+
+ShmRoute& route(int64_t handle) {
+  std::lock_guard<std::mutex> guard(g_routes_lock);
+  TORCH_CHECK(g_routes != nullptr && handle >= 0 && handle < static_cast<int64_t>(g_routes->size()),
+              "syncnorm: unknown shared-memory channel ", handle);
+  return *(*g_routes)[handle];
+}
+}  // namespace
+
+int64_t shm_open(int64_t base, int64_t rank, int64_t world, int64_t capacity, double timeout_s) {
+  TORCH_CHECK(base != 0 && world > 1 && rank >= 0 && rank < world && capacity > 0 && timeout_s > 0,
+              "shm_open: invalid channel");
+  std::lock_guard<std::mutex> guard(g_routes_lock);
+  if (g_routes == nullptr) g_routes = new std::vector<std::unique_ptr<ShmRoute>>();
+  auto r = std::make_unique<ShmRoute>();
+  r->base = base;
+  r->rank = rank;
+  r->world = world;
+  r->capacity = capacity;
+  r->timeout = timeout_s;
+  g_routes->push_back(std::move(r));
+  return static_cast<int64_t>(g_routes->size()) - 1;
+}
+
+// One round on channel `handle` (see shm_all_reduce); header_only as there.
+void shm_round(int64_t handle, const Tensor& t, bool header_only) {
+  ShmRoute& r = route(handle);
+  std::lock_guard<std::mutex> guard(r.lock);
+  shm_all_reduce(r.base, r.rank, r.world, ++r.round, r.capacity, t, r.timeout, header_only);
+}
+
+// Rounds channel `handle` has taken so far (tests: one per synchronising layer per forward and per backward).
+int64_t shm_rounds(int64_t handle) {
+  ShmRoute& r = route(handle);
+  std::lock_guard<std::mutex> guard(r.lock);
+  return r.round;
+}
+
+// Benchmarks only (bench_syncbn's "collective skipped"): while set, the kernels' direct rounds return at once
+// without exchanging anything, so a layer's own compute can be timed in a real multi-rank group. Never set in
+// training: the ranks' statistics would differ.
+void set_skip_direct_rounds(bool skip) { g_skip_direct.store(skip); }
+
+bool direct_all_reduce(const Tensor& t, int64_t handle) {
+  ShmRoute& r = route(handle);
+  if (!t.is_cpu() || !t.is_contiguous() || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) ||
+      t.numel() * static_cast<int64_t>(t.element_size()) > r.capacity)
+    return false;  // the same test as syncnorm.comm.all_reduce_sum's; that path announces it, then uses gloo
+  if (g_skip_direct.load(std::memory_order_relaxed)) return true;
+  std::lock_guard<std::mutex> guard(r.lock);
+  shm_all_reduce(r.base, r.rank, r.world, ++r.round, r.capacity, t, r.timeout, false);
+  return true;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "syncnorm CPU kernels (see syncnorm/csrc/norm_cpu.cpp)";
   m.def("local_pack", &local_pack);
@@ -1315,6 +1401,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_step", &window_step);
   m.def("cbn_step", &cbn_step);
   m.def("set_reducer", &set_reducer);
-  m.def("shm_all_reduce", &shm_all_reduce, py::arg("base"), py::arg("rank"), py::arg("world"), py::arg("round"),
-        py::arg("capacity"), py::arg("t"), py::arg("timeout_s"), py::arg("header_only") = false);
+  m.def("shm_open", &shm_open);
+  m.def("shm_round", &shm_round, py::arg("handle"), py::arg("t"), py::arg("header_only") = false);
+  m.def("shm_rounds", &shm_rounds);
+  m.def("set_skip_direct_rounds", &set_skip_direct_rounds);
 }
