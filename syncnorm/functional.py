@@ -11,7 +11,8 @@ and update the running statistics in place.
 
 On CPU, when the C++ kernels are available (:mod:`syncnorm._ext`), :func:`normalize` and :func:`train_step` hand the
 same computation to one C++ autograd node (and :func:`train_step` the whole training forward to one C++ call); the
-collectives still go through :mod:`syncnorm.comm`. Custom ``renorm`` callables other than :class:`RenormBounds` and
+collectives still go through :mod:`syncnorm.comm` (its same-host shared-memory channel, which the kernels use without
+a call back into Python, or the group's backend). Custom ``renorm`` callables other than :class:`RenormBounds` and
 other devices use the Python path below.
 """
 
@@ -344,7 +345,7 @@ def normalize(
 def _normalize_cpu(fast, x, weight, bias, spec: _Spec) -> tuple[torch.Tensor, NormInfo]:
     # The CPU kernels (syncnorm/csrc/norm_cpu.cpp): the same statistics (global_moments takes the C++ local sums
     # when there is no payload), then one C++ autograd node: forward y = ((x - c0) - m1) * scale + shift in one
-    # pass; backward one pass for the local sums, the same one all-reduce (through syncnorm.comm), one pass for dx.
+    # pass; backward one pass for the local sums, the same one all-reduce (syncnorm.comm's transport), one pass for dx.
     with torch.no_grad():  # statistics and prior are constants here (as inside _GlobalStatsNorm.forward)
         batch, global_count, extra_sum, mean_to_std = global_moments(
             x, spec.num_features, spec.process_group, device=spec.device, extra=spec.extra,
@@ -386,8 +387,8 @@ def train_step(
 
     Exactly :func:`normalize` followed by :func:`update_running_stats` with the global batch moments (running
     buffers None: no update). ``renorm``, if given, must be a :class:`RenormBounds`. On CPU with the C++ kernels
-    this is one call into C++ (statistics, the forward all-reduce through :mod:`syncnorm.comm`, the fused autograd
-    node and the update); elsewhere it is the two Python functions. Returns ``(y, info)``.
+    this is one call into C++ (statistics, the forward all-reduce over :mod:`syncnorm.comm`'s transport, the fused
+    autograd node and the update); elsewhere it is the two Python functions. Returns ``(y, info)``.
     """
     C = x.shape[1] if num_features is None and isinstance(x, torch.Tensor) and x.dim() >= 2 else num_features
     fast = None

@@ -6,11 +6,11 @@
 // memory passes. Here one training step of one layer is
 //
 //   forward   local_pack    one read of x: per-channel sum and sum of squares  -> fp64 [n, 0, S1, S2]
-//             (all-reduce of that vector, in Python: syncnorm.comm)
+//             (all-reduce of that vector: all_reduce_packed)
 //             finish        O(C): mean, M2, count, error flag, max |mean| / std
 //             forward_apply O(C) + one read of x, one write of y: y = ((x - c0) - m1) * scale + shift'
 //   backward  backward_reduce  one read of x and dy: per-channel sum dy, sum dy * x_hat -> [S_dy, S_dyx]
-//             (all-reduce, in Python)
+//             (all-reduce: all_reduce_packed)
 //             backward_dx      one read of x and dy, one write of dx
 //
 // Sums are taken in the input's accumulation type (float for float/half/bfloat16, double for double) in SIMD lanes
@@ -24,7 +24,9 @@
 //
 // One call per training forward: train_step (SyncBatchNorm, BatchRenorm), window_step (CrossMiniBatchNorm) and
 // cbn_step (CrossIterationBatchNorm: also the conv's weight-gradient statistics, the compensated history and its
-// record), each issuing its one forward all-reduce through the Python reducer.
+// record), each issuing its one forward all-reduce. The all-reduces go over the same-host shared-memory channel
+// directly when the group has one and the vector fits its slot, and otherwise through the Python reducer
+// (syncnorm._ext._reduce -> syncnorm.comm.all_reduce_sum); see all_reduce_packed.
 
 #include <torch/extension.h>
 
@@ -629,8 +631,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_all(const Tensor& grad_out, const Te
 // ---------------------------------------------------------------------------------------------- autograd node
 //
 // fused_norm is one C++ autograd node for the normalisation: forward = forward_apply, backward = backward_reduce,
-// the backward all-reduce through the Python reducer (syncnorm._ext._reduce, so syncnorm.comm stays the only
-// caller of torch.distributed), then backward_dx and the local weight/bias gradients. The statistics are computed
+// the backward all-reduce (all_reduce_packed: the shared-memory channel, or the Python reducer, so that
+// syncnorm.comm stays the only caller of torch.distributed), then backward_dx and the local weight/bias gradients. The statistics are computed
 // before it (local_pack, the forward all-reduce, finish) and enter as constants: the backward formula already
 // contains their dependence on x.
 
@@ -743,7 +745,7 @@ std::tuple<Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tenso
 void forward_all_reduce(const Tensor& buf, int64_t reducer) { all_reduce_packed(buf, reducer); }
 
 // One training forward of a layer without prior moments or payload (SyncBatchNorm, BatchRenorm), in one call:
-// local_pack, the forward all-reduce through the Python reducer (reducer < 0: none), finish, then, unless a peer
+// local_pack, the forward all-reduce (all_reduce_packed; reducer < 0: none), finish, then, unless a peer
 // flagged an error (status 1) or the group holds exactly one value per channel (status 2), the fused_norm node and
 // the running-statistics update (when running_mean is given and the global count is not 0). Batch Renorm's r and d
 // compare the batch with renorm_mean / renorm_var (read before the update; none: no renorm).
@@ -1066,7 +1068,7 @@ void conv_grad_sums(const Tensor& conv_input, const Tensor& x, const Tensor& con
 
 // CrossIterationBatchNorm's training forward in one call (the steps of its Python _train_forward):
 //  1. local_pack, plus (when `record` and a conv is given) the conv's weight-gradient statistics as payload;
-//  2. the forward all-reduce through the Python reducer; finish;
+//  2. the forward all-reduce (all_reduce_packed); finish;
 //  3. (use_history, `filled` slots recorded) the pooled history, each slot compensated to the conv's current
 //     weights when a conv is given and the slot is compensable, merged with the batch;
 //  4. the fused_norm node with the merged moments; the running statistics from the batch moments (count > 0);
