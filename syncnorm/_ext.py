@@ -130,8 +130,10 @@ def ops_for(t: torch.Tensor) -> Optional[Any]:
 # host's shared-memory channel, the key names the channel, and the kernels exchange any vector that fits its slot
 # directly, without calling back into Python (two fewer Python round trips per layer per training step). Every
 # other key, and any vector that does not fit, goes through _reduce -> syncnorm.comm.all_reduce_sum. While
-# syncnorm.comm.all_reduce_sum is replaced (by a test's ledger or a profiler), keys go through Python only, so that
-# the replacement sees every collective. -1 means no collective (world size 1).
+# syncnorm.comm.all_reduce_sum is replaced (by a test's ledger or a profiler), new keys go through Python only, so
+# that the replacement sees the collectives of every forward run while it is in place, and of their backwards
+# (the key is taken at the forward: a replacement installed between a forward and its backward does not see that
+# backward's all-reduce). -1 means no collective (world size 1).
 _DIRECT = 1 << 62
 _groups: dict[int, Any] = {}
 _all_reduce_sum = comm.all_reduce_sum

@@ -80,8 +80,9 @@ def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup] = None) -
     RuntimeError on every rank instead of hanging. ``SYNCNORM_SHM=0`` turns the shared-memory transport off.
 
     The C++ kernels' training steps put the vectors that fit the slot on the same channel themselves, without
-    calling this function (they call it for everything else, and for everything while this function is replaced,
-    e.g. by a test's ledger); both draw rounds from the channel's one counter, so the order is the same.
+    calling this function (they call it for everything else, and for everything of a layer whose forward ran
+    while this function was replaced, e.g. by a test's ledger, backward included); both draw rounds from the
+    channel's one counter, so the order is the same.
     """
     world, channel = _route(group)
     if world == 1:

@@ -201,8 +201,56 @@ def _direct_route_checks(rank: int, world: int) -> dict:
         net = nn.Sequential(conv, syncnorm.CrossIterationBatchNorm(256, window=2).attach(conv))
         out["big"], _, _ = step(net, torch.randn(1 + rank, 128, 4, 4))
         out["big_payload_bytes"] = (1 + 256) * 1152 * 8
+        out.update(_waiting_keeps_other_threads_running(rank, channel, bn, x))
     finally:
         ops.set_reducer(_ext._reduce)
+    return out
+
+
+def _waiting_keeps_other_threads_running(rank: int, channel, bn, x) -> dict:
+    # While a rank waits in the kernels for a late peer, its other Python threads run, and touching the same
+    # channel from one of them neither deadlocks nor freezes the rest (the channel's lock is never taken, nor held
+    # while waiting, with the GIL).
+    import threading
+    import time
+
+    out: dict = {}
+    stop = threading.Event()
+    beats: list = []
+
+    def heartbeat():
+        while not stop.is_set():
+            beats.append(time.perf_counter())
+            time.sleep(0.01)
+
+    def reader():  # reads the round counter while the forward below waits
+        while not stop.is_set():
+            channel.rounds
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (heartbeat, reader)] if rank == 0 else []
+    for t in threads:
+        t.start()
+    if rank == 1:
+        time.sleep(1.0)  # late for the forward
+    bn(x)
+    # a backward in a worker thread waits (without the GIL) for the late peer while this thread calls into the
+    # channel
+    y = bn(x.clone().requires_grad_(True))
+    if rank == 1:
+        time.sleep(1.0)
+        y.sum().backward()
+    else:
+        worker = threading.Thread(target=lambda: y.sum().backward())
+        worker.start()
+        time.sleep(0.3)
+        channel.rounds
+        worker.join()
+    stop.set()
+    for t in threads:
+        t.join()
+    if rank == 0:
+        out["max_heartbeat_gap_s"] = max(b - a for a, b in zip(beats, beats[1:]))
     return out
 
 
@@ -216,3 +264,6 @@ def test_kernels_use_the_channel_directly():
         # the oversized forward vector: Python, which announces it on the channel (one round) and uses gloo
         assert r["big_payload_bytes"] > comm.SHM_SLOT_BYTES
         assert r["big"] == (1, 1, 1, 0), r
+        # rank 0 waited about 1 s for its peer twice, with a thread touching the channel: nothing froze
+        if "max_heartbeat_gap_s" in r:
+            assert r["max_heartbeat_gap_s"] < 0.5, r

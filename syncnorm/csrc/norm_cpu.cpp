@@ -632,9 +632,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_all(const Tensor& grad_out, const Te
 //
 // fused_norm is one C++ autograd node for the normalisation: forward = forward_apply, backward = backward_reduce,
 // the backward all-reduce (all_reduce_packed: the shared-memory channel, or the Python reducer, so that
-// syncnorm.comm stays the only caller of torch.distributed), then backward_dx and the local weight/bias gradients. The statistics are computed
-// before it (local_pack, the forward all-reduce, finish) and enter as constants: the backward formula already
-// contains their dependence on x.
+// syncnorm.comm stays the only caller of torch.distributed), then backward_dx and the local weight/bias
+// gradients. The statistics are computed before it (local_pack, the forward all-reduce, finish) and enter as
+// constants: the backward formula already contains their dependence on x.
 
 namespace {
 
@@ -655,7 +655,8 @@ namespace {
 constexpr int64_t kDirectKey = int64_t(1) << 62;
 
 // The all-reduce of a packed statistics vector, in place, under reducer key `key`. Callable with or without the
-// GIL (the autograd engine runs the backward without it); the Python reducer takes it when needed.
+// GIL (the autograd engine runs the backward without it): the direct route waits without it, the Python reducer
+// takes it. The key, and so the route, is fixed when the layer's forward runs (reducer_key).
 void all_reduce_packed(const Tensor& t, int64_t key) {
   if (key < 0) return;
   if ((key & kDirectKey) && direct_all_reduce(t, key & ~kDirectKey)) return;
@@ -744,6 +745,20 @@ std::tuple<Tensor, Tensor> fused_norm(const Tensor& x, const c10::optional<Tenso
 // of one rank): none.
 void forward_all_reduce(const Tensor& buf, int64_t reducer) { all_reduce_packed(buf, reducer); }
 
+// Row i of a contiguous 2-d tensor: a 1-d tensor on the same storage, sharing its version counter (so an in-place
+// change is still caught by autograd's saved-tensor check, as for a view), made without the dispatcher: select's
+// view bookkeeping costs about a microsecond per call, a measurable share of a small layer.
+namespace {
+Tensor row_alias(const Tensor& t, int64_t i) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(t.storage()), t.key_set(), t.dtype());
+  const int64_t size[1] = {t.size(1)}, stride[1] = {1};
+  impl->set_sizes_and_strides(c10::IntArrayRef(size, 1), c10::IntArrayRef(stride, 1),
+                              c10::optional<int64_t>(t.storage_offset() + i * t.size(1)));
+  impl->set_version_counter(t.unsafeGetTensorImpl()->version_counter());
+  return Tensor(std::move(impl));
+}
+}  // namespace
+
 // One training forward of a layer without prior moments or payload (SyncBatchNorm, BatchRenorm), in one call:
 // local_pack, the forward all-reduce (all_reduce_packed; reducer < 0: none), finish, then, unless a peer
 // flagged an error (status 1) or the group holds exactly one value per channel (status 2), the fused_norm node and
@@ -771,8 +786,8 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     update_running(*running_mean, *running_var, num_batches_tracked, mean, m2, count, momentum, cumulative);
   Tensor r, d;
   if (renorm) {
-    r = params.select(0, kR);
-    d = params.select(0, kD);
+    r = row_alias(params, kR);
+    d = row_alias(params, kD);
   }
   return {0, y, n, mean, m2, count, flag, r, d};
 }
@@ -1254,6 +1269,8 @@ void set_reducer(py::object fn) {
 // rank posts k + 1 only after it has read bank k % 2, and nobody enters round k + 2 before seeing k + 1 posted
 // by everyone.
 
+// Called without the GIL (see with_route): waiting for the peers must not block this process's other Python
+// threads.
 void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, int64_t capacity, const Tensor& t,
                     double timeout_s, bool header_only) {
   // header_only: post and check t's byte size and dtype, move no data (the caller then all-reduces t through the
@@ -1279,10 +1296,6 @@ void shm_all_reduce(int64_t base, int64_t rank, int64_t world, int64_t round, in
   shape(rank)[1] = static_cast<int64_t>(t.scalar_type());
   posted(rank)->store(round, std::memory_order_release);
   {
-    // waiting must not block this process's other Python threads (when called with the GIL: the backward's
-    // direct route runs without it)
-    c10::optional<py::gil_scoped_release> no_gil;
-    if (PyGILState_Check()) no_gil.emplace();
     const auto start = std::chrono::steady_clock::now();
     for (int64_t r = 0; r < world; ++r) {
       int64_t spins = 0;
@@ -1332,7 +1345,7 @@ namespace {
 struct ShmRoute {
   int64_t base, rank, world, capacity;
   double timeout;
-  int64_t round = 0;
+  std::atomic<int64_t> round{0};  // advanced under `lock`; read without it (shm_rounds)
   std::mutex lock;
 };
 std::mutex g_routes_lock;
@@ -1344,6 +1357,20 @@ ShmRoute& route(int64_t handle) {
   TORCH_CHECK(g_routes != nullptr && handle >= 0 && handle < static_cast<int64_t>(g_routes->size()),
               "syncnorm: unknown shared-memory channel ", handle);
   return *(*g_routes)[handle];
+}
+
+// fn(route) under the route's lock, with the GIL released first when this thread holds it (a forward, or a call
+// from Python; the autograd engine runs the backward without it). The lock is never taken, nor held while
+// waiting for peers, with the GIL: a thread holding it never needs the GIL, so it cannot deadlock against one
+// that holds the GIL, and the process's other Python threads keep running while this rank waits. The lock is
+// released before the GIL is taken back (destruction order).
+template <class F>
+auto with_route(int64_t handle, F&& fn) {
+  c10::optional<py::gil_scoped_release> no_gil;
+  if (PyGILState_Check()) no_gil.emplace();
+  ShmRoute& r = route(handle);
+  std::lock_guard<std::mutex> guard(r.lock);
+  return fn(r);
 }
 }  // namespace
 
@@ -1364,17 +1391,13 @@ int64_t shm_open(int64_t base, int64_t rank, int64_t world, int64_t capacity, do
 
 // One round on channel `handle` (see shm_all_reduce); header_only as there.
 void shm_round(int64_t handle, const Tensor& t, bool header_only) {
-  ShmRoute& r = route(handle);
-  std::lock_guard<std::mutex> guard(r.lock);
-  shm_all_reduce(r.base, r.rank, r.world, ++r.round, r.capacity, t, r.timeout, header_only);
+  with_route(handle, [&](ShmRoute& r) {
+    shm_all_reduce(r.base, r.rank, r.world, ++r.round, r.capacity, t, r.timeout, header_only);
+  });
 }
 
 // Rounds channel `handle` has taken so far (tests: one per synchronising layer per forward and per backward).
-int64_t shm_rounds(int64_t handle) {
-  ShmRoute& r = route(handle);
-  std::lock_guard<std::mutex> guard(r.lock);
-  return r.round;
-}
+int64_t shm_rounds(int64_t handle) { return route(handle).round.load(); }
 
 // Benchmarks only (bench_syncbn's "collective skipped"): while set, the kernels' direct rounds return at once
 // without exchanging anything, so a layer's own compute can be timed in a real multi-rank group. Never set in
@@ -1382,13 +1405,14 @@ int64_t shm_rounds(int64_t handle) {
 void set_skip_direct_rounds(bool skip) { g_skip_direct.store(skip); }
 
 bool direct_all_reduce(const Tensor& t, int64_t handle) {
-  ShmRoute& r = route(handle);
+  const int64_t capacity = route(handle).capacity;  // fixed at shm_open
   if (!t.is_cpu() || !t.is_contiguous() || (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble) ||
-      t.numel() * static_cast<int64_t>(t.element_size()) > r.capacity)
+      t.numel() * static_cast<int64_t>(t.element_size()) > capacity)
     return false;  // the same test as syncnorm.comm.all_reduce_sum's; that path announces it, then uses gloo
   if (g_skip_direct.load(std::memory_order_relaxed)) return true;
-  std::lock_guard<std::mutex> guard(r.lock);
-  shm_all_reduce(r.base, r.rank, r.world, ++r.round, r.capacity, t, r.timeout, false);
+  with_route(handle, [&](ShmRoute& r) {
+    shm_all_reduce(r.base, r.rank, r.world, ++r.round, r.capacity, t, r.timeout, false);
+  });
   return true;
 }
 
