@@ -130,16 +130,21 @@ def _cmd_summary(args) -> int:
     if kwargs and not args.to:
         raise UsageError("--layer-kwarg needs --to")
     model = load_model(args.model)
-    print(f"{args.model}: norm layers as built")
-    print(summary(model))
+    # both tables are made before anything is printed, so that a conversion error (a bad --layer-kwarg value)
+    # is the only output
+    built = summary(model)
+    converted = None
     if args.to:
         try:
-            converted = convert(model, args.to, **kwargs)
+            converted = summary(convert(model, args.to, **kwargs))
         except (ValueError, TypeError) as err:
             raise UsageError(f"--to {args.to}: {err}") from None
+    print(f"{args.model}: norm layers as built")
+    print(built)
+    if converted is not None:
         print()
         print(f"{args.model}: norm layers after convert(to={args.to!r}{''.join(f', {k}={v!r}' for k, v in kwargs.items())})")
-        print(summary(converted))
+        print(converted)
     return 0
 
 

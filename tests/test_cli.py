@@ -81,6 +81,7 @@ def test_bad_arguments_exit_2_with_a_usage_message(capsys, argv, message):
     code, out, err = _exit_code(argv, capsys)
     assert code == 2
     assert err.startswith("usage: syncnorm") and message in err
+    assert out == "", out  # the error is the only output (no table printed before a conversion error)
 
 
 def test_bare_name_falls_back_and_reports_every_source(capsys):
