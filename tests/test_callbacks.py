@@ -210,6 +210,22 @@ def test_cross_minibatch_accumulation_steps_is_refused():
             cls("cross_minibatch", accumulation_steps=5)
 
 
+@pytest.mark.parametrize("to, kwargs, error, message", [
+    ("renorm", {"r_max": 0.5}, ValueError, "r_max must be >= 1, got 0.5"),
+    ("renorm", {"d_max": -1.0}, ValueError, "d_max must be >= 0"),
+    ("cross_iteration", {"window": 0}, ValueError, "window must be an int >= 1, got 0"),
+    ("cross_iteration", {"burn_in": -1}, ValueError, "burn_in must be an int >= 0, got -1"),
+    ("sync", {"eps": "x"}, TypeError, "eps must be a real number > 0"),
+    ("cross_minibatch", {"momentum": 2.0}, ValueError, "momentum must be in [0, 1] or None, got 2.0"),
+])
+def test_bad_layer_argument_values_are_refused_at_construction(to, kwargs, error, message):
+    # before, these passed the constructor and failed in setup, after the Trainer had started
+    for cls in (NormConversion, SyncNormPlugin):
+        with pytest.raises(error) as info:
+            cls(to, **kwargs)
+        assert str(info.value).startswith(f"{cls.__name__}: layer_kwargs") and message in str(info.value)
+
+
 @pytest.mark.parametrize("explicit_scheduler", [False, True])
 def test_accumulation_windows_and_burn_in(explicit_scheduler):
     spy = _WindowSpy()

@@ -45,6 +45,14 @@ def validate_conversion_args(owner: str, to: Any, include: Any, exclude: Any, la
     if unknown:
         raise TypeError(f"{owner}: to={to!r} ({target.attr}) does not accept layer_kwargs {unknown}; accepted: "
                         f"{list(target.accepted_kwargs())}")
+    if target.build is conv._build_synchronising:
+        # the values too, as the layer's constructor checks them (a bad r_max or window would otherwise only
+        # surface in setup, after the Trainer has started): a one-channel probe layer
+        probe = {k: v for k, v in layer_kwargs.items() if not (to == "cross_minibatch" and k == "accumulation_steps")}
+        try:
+            target.layer_class()(1, **probe)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{owner}: layer_kwargs {probe} rejected by {target.attr}: {err}") from None
     if to == "cross_minibatch" and "accumulation_steps" in layer_kwargs:
         # the callbacks drive CmBN windows from the trainer (wire_cross_batch_layers sets accumulation_steps=None),
         # so a value here would be silently overridden
@@ -224,7 +232,8 @@ class NormConversion(Callback):
 
     Raises:
         ValueError/TypeError at construction for an unknown target, malformed ``include``/``exclude``, a layer
-        argument the target does not accept, ``accumulation_steps`` for ``cross_minibatch`` (the Trainer's
+        argument the target does not accept or a value its layer refuses (``r_max=0.5``, ``window=0``, ...),
+        ``accumulation_steps`` for ``cross_minibatch`` (the Trainer's
         ``accumulate_grad_batches`` decides the windows), or a bad ``group_size``.
     """
 
