@@ -169,7 +169,7 @@ def _direct_route_checks(rank: int, world: int) -> dict:
         comm.all_reduce_sum(torch.zeros(1, dtype=torch.float64))  # sets the channel up
         channel = comm._same_host_channel(None)
 
-        def step(layer, x, ledger=False):
+        def step(layer, x):
             # (rounds taken, Python calls) by the forward and by the backward, and the results
             x = x.clone().requires_grad_(True)
             r0, c0 = channel.rounds, len(calls)
