@@ -19,7 +19,7 @@ other devices use the Python path below.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -367,6 +367,35 @@ def _normalize_cpu(fast, x, weight, bias, spec: _Spec) -> tuple[torch.Tensor, No
     return y, info
 
 
+def _fast_ops(x: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[Any]:
+    """The C++ kernels for a training step on ``x`` (checked by the caller) with ``weight``, or None for the Python
+    path (kernels disabled or unavailable, or a tensor off the CPU)."""
+    fast = _ext.ops_for(x)
+    return fast if fast is not None and (weight is None or weight.is_cpu) else None
+
+
+def _train_step_cpu(fast, x: torch.Tensor, weight, bias, running_mean, running_var, num_batches_tracked, C: int,
+                   eps: float, momentum: Optional[float], process_group, layer_name: str,
+                   renorm: Optional["RenormBounds"]) -> tuple[torch.Tensor, NormInfo]:
+    """:func:`train_step` on the C++ kernels ``fast`` (from :func:`_fast_ops`): one call into C++. ``x`` must be a
+    valid ``(N, C, *)`` input and ``renorm`` None or a :class:`RenormBounds` with this ``eps``. Positional
+    arguments only: the layers call this once per training forward, where Python's keyword handling is a
+    measurable share of a small layer."""
+    status, y, n, mean, m2, count, flag, r, d = fast.train_step(
+        x, weight, bias, C, eps, _ext.reducer_key(process_group), running_mean, running_var, num_batches_tracked,
+        0.0 if momentum is None else float(momentum), momentum is None,
+        None if renorm is None else renorm.running_mean, None if renorm is None else renorm.running_var,
+        1.0 if renorm is None else renorm.r_max, 0.0 if renorm is None else renorm.d_max)
+    if status == 1:
+        raise _peer_error(layer_name, flag)
+    if status == 2:
+        raise _one_value_error(layer_name, x)
+    batch = Moments(n, mean, m2)
+    if renorm is not None:
+        renorm.last = (r, d)
+    return y, NormInfo(batch=batch, used=batch, global_count=count, r=r, d=d, local_count=x.numel() // C)
+
+
 def train_step(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -394,22 +423,10 @@ def train_step(
     fast = None
     if (error is None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] == C
             and (renorm is None or (type(renorm) is RenormBounds and renorm.eps == float(eps)))):
-        fast = _ext.ops_for(x)
-    if fast is not None and (weight is None or weight.is_cpu):
-        status, y, n, mean, m2, count, flag, r, d = fast.train_step(
-            x, weight, bias, C, eps, _ext.reducer_key(process_group), running_mean, running_var, num_batches_tracked,
-            0.0 if momentum is None else float(momentum), momentum is None,
-            None if renorm is None else renorm.running_mean, None if renorm is None else renorm.running_var,
-            1.0 if renorm is None else renorm.r_max, 0.0 if renorm is None else renorm.d_max)
-        if status == 1:
-            raise _peer_error(layer_name, flag)
-        if status == 2:
-            raise _one_value_error(layer_name, x)
-        batch = Moments(n, mean, m2)
-        if renorm is not None:
-            renorm.last = (r, d)
-        info = NormInfo(batch=batch, used=batch, global_count=count, r=r, d=d, local_count=x.numel() // C)
-        return y, info
+        fast = _fast_ops(x, weight)
+    if fast is not None:
+        return _train_step_cpu(fast, x, weight, bias, running_mean, running_var, num_batches_tracked, C, eps, momentum,
+                              process_group, layer_name, renorm)
     y, info = normalize(x, weight, bias, eps=eps, num_features=num_features, process_group=process_group,
                         layer_name=layer_name, renorm=renorm, error=error)
     update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, info.global_count, momentum)

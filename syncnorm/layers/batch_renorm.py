@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..functional import NormInfo, RenormBounds, check_input, train_step
+from ..functional import NormInfo, RenormBounds, _fast_ops, _train_step_cpu, check_input, train_step
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["BatchRenorm"]
@@ -151,12 +151,19 @@ class BatchRenorm(GlobalStatsBatchNorm):
         p, b = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
         running_mean, running_var, name = b["running_mean"], b["running_var"], self.layer_name
         bounds = None if plain else RenormBounds(running_mean, running_var, eps, r_max, d_max)
-        y, info = train_step(
-            input, p["weight"], p["bias"], running_mean, running_var, b["num_batches_tracked"],
-            eps=eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
-            layer_name=name, renorm=bounds,
-            error=check_input(input, self.num_features, name, self._min_dim, self._max_dim),
-        )
+        err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
+        weight = p["weight"]
+        fast = _fast_ops(input, weight) if err is None else None
+        if fast is not None:  # train_step's own CPU branch, called without its keyword handling (hot path)
+            y, info = _train_step_cpu(fast, input, weight, p["bias"], running_mean, running_var,
+                                      b["num_batches_tracked"], self.num_features, eps, self.momentum,
+                                      self.process_group, name, bounds)
+        else:
+            y, info = train_step(
+                input, weight, p["bias"], running_mean, running_var, b["num_batches_tracked"],
+                eps=eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
+                layer_name=name, renorm=bounds, error=err,
+            )
         if plain:
             ones = torch.ones_like(info.batch.mean)  # fp64, like the factors of a renormalising step
             factors = (ones, torch.zeros_like(ones))

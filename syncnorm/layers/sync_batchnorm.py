@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import comm
-from ..functional import NormInfo, check_input, train_step, update_running_stats
+from ..functional import NormInfo, _fast_ops, _train_step_cpu, check_input, train_step, update_running_stats
 
 __all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm", "NamedLayer"]
 
@@ -227,10 +227,18 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         name = self.layer_name
         p, b = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
-        y, info = train_step(
-            input, p["weight"], p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"],
-            eps=self.eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
-            layer_name=name, error=check_input(input, self.num_features, name, self._min_dim, self._max_dim),
-        )
+        err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
+        weight = p["weight"]
+        fast = _fast_ops(input, weight) if err is None else None
+        if fast is not None:  # train_step's own CPU branch, called without its keyword handling (hot path)
+            y, info = _train_step_cpu(fast, input, weight, p["bias"], b["running_mean"], b["running_var"],
+                                      b["num_batches_tracked"], self.num_features, self.eps, self.momentum,
+                                      self.process_group, name, None)
+        else:
+            y, info = train_step(
+                input, weight, p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"],
+                eps=self.eps, momentum=self.momentum, num_features=self.num_features,
+                process_group=self.process_group, layer_name=name, error=err,
+            )
         self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
         return y
