@@ -96,7 +96,9 @@ class _GlobalStatsNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, spec: "_Spec"):
-        if _autocast_on(x.device.type):
+        # a non-tensor x (spec.error says so) still reaches global_moments, which joins the collective with the
+        # error flag before raising, so that the peers do not wait
+        if isinstance(x, torch.Tensor) and _autocast_on(x.device.type):
             with torch.autocast(device_type=x.device.type, enabled=False):
                 return _forward(ctx, x, weight, bias, spec)
         return _forward(ctx, x, weight, bias, spec)

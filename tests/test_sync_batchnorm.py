@@ -330,6 +330,21 @@ def _error_checks(rank: int, world: int, results: dict) -> None:
         results["peer-error"] = ("peer", str(e))
     except ValueError as e:
         results["peer-error"] = ("own", str(e))
+    # a non-tensor input on one rank, for every synchronising layer: the same (it used to fail with an
+    # AttributeError before the collective, leaving the peers waiting)
+    outcomes = []
+    for make in (syncnorm.SyncBatchNorm, syncnorm.BatchRenorm, syncnorm.CrossMiniBatchNorm,
+                 syncnorm.CrossIterationBatchNorm):
+        other = make(C)
+        bad = [[0.0] * C] * 3 if rank == world - 1 else torch.randn(3, C, 2)
+        try:
+            other(bad)
+            outcomes.append(("none", ""))
+        except PeerInputError as e:
+            outcomes.append(("peer", str(e)))
+        except TypeError as e:
+            outcomes.append(("own", str(e)))
+    results["peer-nontensor"] = outcomes
     # the group is still usable afterwards
     y = layer(torch.randn(3, C, 2))
     results["after-error"] = None if y.shape == (3, C, 2) else "bad shape"
@@ -452,6 +467,10 @@ def test_distributed_errors_same_on_every_rank(world_results):
     peer = [r["peer-error"] for r in results]
     assert peer[-1][0] == "own" and f"expected {C} channels in dim 1, got {C + 2}" in peer[-1][1], peer
     assert all(p[0] == "peer" for p in peer[:-1]), peer
+    for outcomes in (r["peer-nontensor"] for r in results[:-1]):
+        assert [o[0] for o in outcomes] == ["peer"] * 4, outcomes
+    for kind, message in results[-1]["peer-nontensor"]:
+        assert kind == "own" and "expected a torch.Tensor input, got list" in message, results[-1]["peer-nontensor"]
 
 
 def test_distributed_ddp_training_parity(world_results):
