@@ -595,3 +595,36 @@ def test_eval_takes_the_dtype_combinations_training_takes(cls, module_dtype, inp
                        layer.bias.to(target), False, 0.0, layer.eps)
     assert y.dtype == input_dtype
     torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.filterwarnings("ignore:.*no conv attached")  # CrossIterationBatchNorm alone: naive averaging
+@pytest.mark.parametrize("make", [syncnorm.SyncBatchNorm, syncnorm.BatchRenorm, syncnorm.CrossMiniBatchNorm,
+                                  syncnorm.CrossIterationBatchNorm], ids=lambda c: c.__name__)
+def test_parametrized_weight_and_bias_train_like_batchnorm(make):
+    # torch.nn.utils.parametrize moves weight/bias out of _parameters; the layers read them through the module
+    # (a KeyError before)
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.5
+
+    torch.manual_seed(0)
+    layers = [nn.BatchNorm2d(4).double(), make(4).double()]
+    for layer in layers:
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(-2.0, 2.0, 4))
+            layer.bias.copy_(torch.linspace(0.5, -0.5, 4))
+        parametrize.register_parametrization(layer, "weight", Positive())
+        parametrize.register_parametrization(layer, "bias", Positive())
+    x = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    g = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    outs = []
+    for layer in layers:
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(g)
+        outs.append((y, xi.grad, layer.parametrizations.weight.original.grad,
+                     layer.parametrizations.bias.original.grad, layer.running_var))
+    for ref, got in zip(*outs):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)

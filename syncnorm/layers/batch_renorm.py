@@ -148,19 +148,19 @@ class BatchRenorm(GlobalStatsBatchNorm):
         # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so skip the O(C) renorm arithmetic
         # (the warm-up of a schedule costs exactly SyncBatchNorm)
         plain = r_max == 1.0 and d_max == 0.0
-        p, b = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
+        b = self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
         running_mean, running_var, name = b["running_mean"], b["running_var"], self.layer_name
         bounds = None if plain else RenormBounds(running_mean, running_var, eps, r_max, d_max)
         err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
-        weight = p["weight"]
+        weight, bias = self._affine()
         fast = _fast_ops(input, weight) if err is None else None
         if fast is not None:  # train_step's own CPU branch, called without its keyword handling (hot path)
-            y, info = _train_step_cpu(fast, input, weight, p["bias"], running_mean, running_var,
+            y, info = _train_step_cpu(fast, input, weight, bias, running_mean, running_var,
                                       b["num_batches_tracked"], self.num_features, eps, self.momentum,
                                       self.process_group, name, bounds)
         else:
             y, info = train_step(
-                input, weight, p["bias"], running_mean, running_var, b["num_batches_tracked"],
+                input, weight, bias, running_mean, running_var, b["num_batches_tracked"],
                 eps=eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
                 layer_name=name, renorm=bounds, error=err,
             )

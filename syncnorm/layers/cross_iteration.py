@@ -321,9 +321,9 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
                 padding = (0,) * (input.dim() - 2)
             conv_args = (conv_input, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
         momentum = self.momentum
-        b, p = self._buffers, self._parameters  # plain dict reads (nn.Module.__getattr__ is slow on this hot path)
+        b = self._buffers  # plain dict reads (nn.Module.__getattr__ is slow on this hot path)
         status, y, n, mean, m2, count, flag, un, umean, um2, message = fast.cbn_step(
-            input, p["weight"], p["bias"], self.num_features, self.eps, _ext.reducer_key(self.process_group),
+            input, *self._affine(), self.num_features, self.eps, _ext.reducer_key(self.process_group),
             b["running_mean"], b["running_var"], b["num_batches_tracked"],
             0.0 if momentum is None else float(momentum), momentum is None,
             [b[name] for name in _HISTORY_ORDER], filled, use_history, record, *conv_args)

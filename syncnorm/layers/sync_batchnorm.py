@@ -127,6 +127,12 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     def _input_error(self, input) -> Optional[BaseException]:
         return check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
 
+    def _affine(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        # weight and bias from the module dict (nn.Module.__getattr__ is slow on the training hot path); a
+        # parametrized one (torch.nn.utils.parametrize) is no longer there and is computed through the module
+        p = self._parameters
+        return (p["weight"] if "weight" in p else self.weight), (p["bias"] if "bias" in p else self.bias)
+
     def _use_batch_stats(self) -> bool:
         return self.training or (self.running_mean is None and self.running_var is None)
 
@@ -226,17 +232,17 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         name = self.layer_name
-        p, b = self._parameters, self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
+        b = self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
         err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
-        weight = p["weight"]
+        weight, bias = self._affine()
         fast = _fast_ops(input, weight) if err is None else None
         if fast is not None:  # train_step's own CPU branch, called without its keyword handling (hot path)
-            y, info = _train_step_cpu(fast, input, weight, p["bias"], b["running_mean"], b["running_var"],
+            y, info = _train_step_cpu(fast, input, weight, bias, b["running_mean"], b["running_var"],
                                       b["num_batches_tracked"], self.num_features, self.eps, self.momentum,
                                       self.process_group, name, None)
         else:
             y, info = train_step(
-                input, weight, p["bias"], b["running_mean"], b["running_var"], b["num_batches_tracked"],
+                input, weight, bias, b["running_mean"], b["running_var"], b["num_batches_tracked"],
                 eps=self.eps, momentum=self.momentum, num_features=self.num_features,
                 process_group=self.process_group, layer_name=name, error=err,
             )
