@@ -16,6 +16,7 @@ import contextlib
 import fnmatch
 import importlib
 import inspect
+import math
 import numbers
 import re
 import sys
@@ -671,10 +672,13 @@ def convert(module: nn.Module, to: str, *, include: Pattern = None, exclude: Pat
 
     Raises:
         ValueError: unknown target, layer argument taken from the source, an unconvertible layer, an impossible
-            GroupNorm split or ``dim`` outside 1..3 (each naming the layer or argument and the choices), or a value
-            the target layer's constructor refuses (naming the layer of the model).
+            GroupNorm split or ``dim`` outside 1..3 (each naming the layer or argument and the choices), an ``eps``
+            that is not finite and > 0 or a ``momentum`` outside [0, 1] for ``"group"`` / ``"batch"`` (torch's
+            layers would accept them), or a value the target layer's constructor refuses (naming the layer of the
+            model).
         TypeError: ``to`` or ``subclasses`` not a str, a layer argument the target does not accept, a non-int
-            ``num_groups`` or ``dim``, a malformed include/exclude, or an argument of the wrong type refused by the
+            ``num_groups`` or ``dim``, a non-number ``eps`` / ``momentum`` for ``"group"`` / ``"batch"``, a
+            malformed include/exclude, or an argument of the wrong type refused by the
             target layer's constructor (naming the layer of the model).
 
         Nothing is modified when it raises.
@@ -701,8 +705,7 @@ def convert(module: nn.Module, to: str, *, include: Pattern = None, exclude: Pat
     if unknown:
         raise TypeError(f"syncnorm.convert(to={to!r}): {target.attr} does not accept {unknown}; "
                         f"accepted layer arguments: {list(accepted)}")
-    if to == "batch" and "dim" in layer_kwargs:
-        _check_dim(layer_kwargs["dim"], "syncnorm.convert(to='batch')")
+    _check_values(to, layer_kwargs, f"syncnorm.convert(to={to!r})")
     return _convert(module, to, _matcher(include, "include"), _matcher(exclude, "exclude"), subclasses, layer_kwargs)
 
 
@@ -781,6 +784,35 @@ def _convert(root: nn.Module, to: str, include, exclude, subclasses: str, kwargs
             if child is not None and id(child) in new_layers:
                 parent._modules[child_name] = new_layers[id(child)]
     return root
+
+
+def _check_values(to: str, kwargs: dict, who: str, *, num_groups: bool = False) -> None:
+    # The layer arguments of the torch.nn targets that torch itself does not check (GroupNorm and BatchNorm accept
+    # eps <= 0 or NaN and then produce NaN or fail at the first forward), and, with num_groups=True (callbacks,
+    # before any model exists), num_groups as far as it is checkable without a layer (convert checks it per layer,
+    # with the layer's divisors in the message). The syncnorm layers check their own arguments when built.
+    if to in ("group", "batch") and "eps" in kwargs:
+        eps = kwargs["eps"]
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"{who}: eps must be a real number > 0, got {type(eps).__name__} {eps!r}")
+        if not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"{who}: eps must be a finite number > 0, got {eps!r}")
+    if to == "batch" and kwargs.get("momentum") is not None:
+        momentum = kwargs["momentum"]
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            raise TypeError(f"{who}: momentum must be a number in [0, 1] or None, got {type(momentum).__name__} "
+                            f"{momentum!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{who}: momentum must be in [0, 1] or None, got {momentum!r}")
+    if to == "batch" and "dim" in kwargs:
+        _check_dim(kwargs["dim"], who)
+    if num_groups and to == "group" and "num_groups" in kwargs:
+        g = kwargs["num_groups"]
+        if isinstance(g, bool) or not isinstance(g, numbers.Integral):
+            raise TypeError(f"{who}: num_groups must be an int >= 1 dividing each layer's channel count, got "
+                            f"{type(g).__name__} {g!r}")
+        if g < 1:
+            raise ValueError(f"{who}: num_groups must be an int >= 1 dividing each layer's channel count, got {g!r}")
 
 
 def _check_dim(dim, who: str) -> None:

@@ -217,13 +217,29 @@ def test_cross_minibatch_accumulation_steps_is_refused():
     ("cross_iteration", {"burn_in": -1}, ValueError, "burn_in must be an int >= 0, got -1"),
     ("sync", {"eps": "x"}, TypeError, "eps must be a real number > 0"),
     ("cross_minibatch", {"momentum": 2.0}, ValueError, "momentum must be in [0, 1] or None, got 2.0"),
+    ("frozen", {"eps": -1.0}, ValueError, "eps must be a finite number > 0, got -1.0"),
+    ("group", {"num_groups": 0}, ValueError, "num_groups must be an int >= 1"),
+    ("group", {"num_groups": "a"}, TypeError, "num_groups must be an int >= 1"),
+    ("group", {"eps": float("nan")}, ValueError, "eps must be a finite number > 0, got nan"),
+    ("batch", {"dim": 7}, ValueError, "dim must be 1, 2, 3 or None, got 7"),
+    ("batch", {"eps": 0.0}, ValueError, "eps must be a finite number > 0, got 0.0"),
+    ("batch", {"momentum": 3}, ValueError, "momentum must be in [0, 1] or None, got 3"),
 ])
 def test_bad_layer_argument_values_are_refused_at_construction(to, kwargs, error, message):
     # before, these passed the constructor and failed in setup, after the Trainer had started
     for cls in (NormConversion, SyncNormPlugin):
         with pytest.raises(error) as info:
             cls(to, **kwargs)
-        assert str(info.value).startswith(f"{cls.__name__}: layer_kwargs") and message in str(info.value)
+        assert str(info.value).startswith(cls.__name__) and message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("to, kwargs", [("sync", {}), ("renorm", {"r_max": 3.0, "d_max": 5.0}),
+                                        ("cross_iteration", {"window": 4, "burn_in": 2}),
+                                        ("cross_minibatch", {}), ("frozen", {"eps": 1e-3}),
+                                        ("group", {"num_groups": 4}), ("batch", {"dim": 2, "momentum": None})])
+def test_good_layer_arguments_are_accepted_at_construction(to, kwargs):
+    for cls in (NormConversion, SyncNormPlugin):
+        cls(to, **kwargs)
 
 
 @pytest.mark.parametrize("explicit_scheduler", [False, True])

@@ -373,6 +373,13 @@ def test_type_mistakes_raise_type_error():
         convert(net, "batch", dim=4)
     with pytest.raises(TypeError, match=r"revert: dim must be 1, 2, 3 or None, got float 2.0"):
         revert(net, dim=2.0)
+    # torch's GroupNorm / BatchNorm take any eps (NaN outputs or a failure at the first forward): refused up front
+    with pytest.raises(ValueError, match=r"convert\(to='group'\): eps must be a finite number > 0, got -1"):
+        convert(net, "group", eps=-1)
+    with pytest.raises(ValueError, match=r"convert\(to='batch'\): eps must be a finite number > 0, got 0.0"):
+        convert(net, "batch", eps=0.0)
+    with pytest.raises(TypeError, match=r"convert\(to='batch'\): momentum must be a number in \[0, 1\] or None"):
+        convert(net, "batch", momentum="0.1")
     # the target layer's own refusals name the layer of the model, with their own exception type
     with pytest.raises(TypeError, match=r"cannot convert BatchNorm1d\(6\) 'seq.1' to FrozenBatchNorm: .*eps must be "
                                         r"a real number > 0, got str"):

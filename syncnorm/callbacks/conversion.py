@@ -45,14 +45,17 @@ def validate_conversion_args(owner: str, to: Any, include: Any, exclude: Any, la
     if unknown:
         raise TypeError(f"{owner}: to={to!r} ({target.attr}) does not accept layer_kwargs {unknown}; accepted: "
                         f"{list(target.accepted_kwargs())}")
-    if target.build is conv._build_synchronising:
-        # the values too, as the layer's constructor checks them (a bad r_max or window would otherwise only
-        # surface in setup, after the Trainer has started): a one-channel probe layer
+    # the values too (a bad r_max, window or eps would otherwise only surface in setup, after the Trainer has
+    # started): what convert checks up front, then, for the syncnorm layers, their own constructor on a
+    # one-channel probe
+    conv._check_values(to, layer_kwargs, f"{owner}(to={to!r})", num_groups=True)
+    if target.build is conv._build_synchronising or to == "frozen":
         probe = {k: v for k, v in layer_kwargs.items() if not (to == "cross_minibatch" and k == "accumulation_steps")}
         try:
             target.layer_class()(1, **probe)
         except (TypeError, ValueError) as err:
-            raise type(err)(f"{owner}: layer_kwargs {probe} rejected by {target.attr}: {err}") from None
+            raise type(err)(f"{owner}: layer_kwargs {probe} rejected by {target.attr} (checked on a one-channel "
+                            f"probe layer): {err}") from None
     if to == "cross_minibatch" and "accumulation_steps" in layer_kwargs:
         # the callbacks drive CmBN windows from the trainer (wire_cross_batch_layers sets accumulation_steps=None),
         # so a value here would be silently overridden
