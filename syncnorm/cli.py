@@ -136,9 +136,10 @@ def _cmd_summary(args) -> int:
     converted = None
     if args.to:
         try:
-            converted = summary(convert(model, args.to, **kwargs))
+            converted_model = convert(model, args.to, **kwargs)
         except (ValueError, TypeError) as err:
             raise UsageError(f"--to {args.to}: {err}") from None
+        converted = summary(converted_model)
     print(f"{args.model}: norm layers as built")
     print(built)
     if converted is not None:
