@@ -5,9 +5,10 @@ Run from the repository root::
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_renorm [--repeats N] [--out benchmarks/results/renorm.md]
 
 For each shape and world size (1, and 2 gloo ranks on CPU, one thread per rank), the three layers are timed
-interleaved in one process with :func:`benchmarks._timing.time_interleaved` (fp32, median of ``repeats`` samples).
-Each sample records both the wall time and the CPU time of the process (``time.process_time``, read through the
-timing hook just around the timed call): on a shared, oversubscribed machine the wall time also counts the time the
+interleaved in one process, in a new random order at every repeat, with :func:`benchmarks._timing.time_interleaved`
+(fp32, median of ``repeats`` samples).
+Each sample records both the wall time and the CPU time of the process (``time.process_time``, read just around
+the timed call): on a shared, oversubscribed machine the wall time also counts the time the
 process waited for a core, the CPU time does not. A sample of a small shape runs several passes (see
 ``_passes_per_sample``); times are per pass. At world 2 every rank times the same candidates; the reported time of a
 candidate is the larger of the two ranks' medians. ``nn.BatchNorm2d`` at world 2 is the unsynchronised per-rank
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 import time
 
@@ -52,21 +52,6 @@ def _repeat(fn, k: int):
     return run
 
 
-class _CpuClock:
-    """The timing hook of ``time_interleaved``: it is called just before and just after each timed call, so
-    consecutive readings pair up into the CPU time of one sample, in candidate order."""
-
-    def __init__(self) -> None:
-        self.marks: list[float] = []
-
-    def __call__(self) -> None:
-        self.marks.append(time.process_time())
-
-    def medians_ms(self, names: list[str]) -> dict[str, float]:
-        spans = [b - a for a, b in zip(self.marks[0::2], self.marks[1::2])]
-        return {n: statistics.median(spans[i::len(names)]) * 1e3 for i, n in enumerate(names)}
-
-
 def _candidates(shape, seed: int):
     import syncnorm
     from benchmarks._timing import fwd_bwd
@@ -87,9 +72,7 @@ def _time_all(repeats: int, seed: int) -> list[dict]:
     rows = []
     for shape in SHAPES:
         cands, k = _candidates(shape, seed)
-        clock = _CpuClock()
-        wall = time_interleaved(cands, repeats=repeats, warmup=2, sync=clock)
-        cpu = clock.medians_ms(list(cands))
+        wall, cpu = time_interleaved(cands, repeats=repeats, warmup=2, cpu_times=True)
         rows.append({"shape": shape, "wall": {n: wall[n] / k for n in NAMES}, "cpu": {n: cpu[n] / k for n in NAMES}})
     return rows
 

@@ -75,13 +75,14 @@ def _candidates(shape, skip_collective: bool = False):
     if skip_collective:
         sbn = syncnorm.SyncBatchNorm(C)
         fn = fwd_bwd(sbn, x, g)
+        # the kernels exchange their vectors over the same-host channel without calling into Python; the skip
+        # switch makes those exchanges return at once, so this times everything but the exchange. In a group
+        # without the channel (gloo), comm.all_reduce_sum itself is replaced by a no-op.
+        ops = syncnorm._ext.ops()
+        direct = ops is not None and syncnorm.comm._route(None)[1] is not None
 
         def no_collective():
-            # the kernels exchange their vectors over the same-host channel without calling into Python; the
-            # skip switch makes those exchanges return at once, so this times everything but the exchange. In a
-            # group without the channel (gloo), comm.all_reduce_sum itself is replaced by a no-op.
-            ops = syncnorm._ext.ops()
-            if ops is not None and syncnorm.comm._route(None)[1] is not None:
+            if direct:
                 ops.set_skip_direct_rounds(True)
                 try:
                     fn()
@@ -101,14 +102,16 @@ def _candidates(shape, skip_collective: bool = False):
         gfn = fwd_bwd(gbn, x, g)
 
         def gloo_transport():
-            # the group's cached route, with the shared-memory channel taken away (all_reduce_sum reads _route
-            # at each call, so this candidate alone goes through gloo)
-            orig = syncnorm.comm._route
+            # the group's route with the shared-memory channel taken away, and an empty reducer-key cache so that
+            # the key is decided again from that route: this candidate alone goes through gloo (all_reduce_sum
+            # reads _route at each call)
+            orig, keys = syncnorm.comm._route, syncnorm._ext._keys
             syncnorm.comm._route = lambda group: (orig(group)[0], None)
+            syncnorm._ext._keys = {}
             try:
                 gfn()
             finally:
-                syncnorm.comm._route = orig
+                syncnorm.comm._route, syncnorm._ext._keys = orig, keys
 
         cands["SyncBatchNorm, gloo transport"] = gloo_transport
     return cands

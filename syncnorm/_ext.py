@@ -137,18 +137,28 @@ def ops_for(t: torch.Tensor) -> Optional[Any]:
 _DIRECT = 1 << 62
 _groups: dict[int, Any] = {}
 _all_reduce_sum = comm.all_reduce_sum
+# id(group) -> (group, default group, comm.all_reduce_sum, key) when the key was decided: reused while the group,
+# the default group (a destroyed and re-created world is a new one) and comm.all_reduce_sum are the same objects
+_keys: dict[int, tuple] = {}
 
 
 def reducer_key(group: Any) -> int:
     """Key of ``group`` for the kernels' all-reduces (forward and backward); -1 when ``group`` has one rank."""
-    world, channel = comm._route(group)  # the group's cached size and channel (runs once per layer per forward)
+    # runs once per layer per training forward: the cached key first, in one frame
+    entry = _keys.get(id(group))
+    if (entry is not None and entry[0] is group and entry[1] is comm._default_group()
+            and entry[2] is comm.all_reduce_sum):
+        return entry[3]
+    world, channel = comm._route(group)  # the group's cached size and channel
     if world == 1:
-        return -1
-    if channel is not None and comm.all_reduce_sum is _all_reduce_sum:
-        key = _DIRECT | channel.handle
+        key = -1
     else:
-        key = 0 if group is None else id(group) & (_DIRECT - 1)
-    _groups[key] = group  # also keeps the group alive, so its id is not reused
+        if channel is not None and comm.all_reduce_sum is _all_reduce_sum:
+            key = _DIRECT | channel.handle
+        else:
+            key = 0 if group is None else id(group) & (_DIRECT - 1)
+        _groups[key] = group  # also keeps the group alive, so its id is not reused
+    _keys[id(group)] = (group, comm._default_group(), comm.all_reduce_sum, key)
     return key
 
 

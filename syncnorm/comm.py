@@ -117,11 +117,13 @@ def _route(group: Optional[ProcessGroup]) -> tuple[int, Optional["SameHostChanne
     return world, channel
 
 
+_c10d = dist.distributed_c10d if dist.is_available() else None
+
+
 def _default_group():
-    # the default process group object, or None when torch.distributed is unavailable or not initialised
-    if not dist.is_available():
-        return None
-    return dist.distributed_c10d._world.default_pg
+    # the default process group object, or None when torch.distributed is unavailable or not initialised (read on
+    # every training forward of every layer, through _ext.reducer_key)
+    return None if _c10d is None else _c10d._world.default_pg
 
 
 # ---------------------------------------------------------------------------------------------------------------

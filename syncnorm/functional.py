@@ -383,19 +383,30 @@ def _train_step_cpu(fast, x: torch.Tensor, weight, bias, running_mean, running_v
     valid ``(N, C, *)`` input and ``renorm`` None or a :class:`RenormBounds` with this ``eps``. Positional
     arguments only: the layers call this once per training forward, where Python's keyword handling is a
     measurable share of a small layer."""
-    status, y, n, mean, m2, count, flag, r, d = fast.train_step(
+    y, raw = fast.train_step(
         x, weight, bias, C, eps, _ext.reducer_key(process_group), running_mean, running_var, num_batches_tracked,
         0.0 if momentum is None else float(momentum), momentum is None,
         None if renorm is None else renorm.running_mean, None if renorm is None else renorm.running_var,
         1.0 if renorm is None else renorm.r_max, 0.0 if renorm is None else renorm.d_max)
-    if status == 1:
-        raise _peer_error(layer_name, flag)
-    if status == 2:
-        raise _one_value_error(layer_name, x)
-    batch = Moments(n, mean, m2)
+    if raw[0]:
+        raise _train_step_error(raw, layer_name, x)
     if renorm is not None:
-        renorm.last = (r, d)
-    return y, NormInfo(batch=batch, used=batch, global_count=count, r=r, d=d, local_count=x.numel() // C)
+        renorm.last = (raw[6], raw[7])
+    return y, _info_from_raw(raw, x.numel() // C)
+
+
+def _train_step_error(raw: tuple, layer_name: str, x: torch.Tensor) -> BaseException:
+    """The error of a C++ ``train_step`` that returned status ``raw[0]`` != 0 (1: a peer's input was invalid,
+    2: one value per channel in the whole group)."""
+    return _peer_error(layer_name, raw[5]) if raw[0] == 1 else _one_value_error(layer_name, x)
+
+
+def _info_from_raw(raw: tuple, local_count: int) -> NormInfo:
+    """The :class:`NormInfo` of a successful C++ ``train_step``: ``raw`` is its ``(status, n, mean, m2, count, flag,
+    r, d)``, ``local_count`` this rank's values per channel."""
+    _, n, mean, m2, count, _, r, d = raw
+    batch = Moments(n, mean, m2)
+    return NormInfo(batch=batch, used=batch, global_count=count, r=r, d=d, local_count=local_count)
 
 
 def train_step(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from syncnorm import _ext, comm
-from tests.dist.harness import RankFailure, run_distributed
+from tests.dist.harness import RankFailure, free_port, run_distributed
 
 pytestmark = pytest.mark.skipif(_ext.ops() is None, reason="the C++ CPU kernels are unavailable here")
 
@@ -150,7 +150,7 @@ def test_ranks_with_different_settings_agree():
         assert not r["channel"] and r["sum"] == [3.0, 3.0, 3.0]
 
 
-def _direct_route_checks(rank: int, world: int) -> dict:
+def _direct_route_checks(rank: int, world: int, port: int, store_dir: str) -> dict:
     import torch.nn as nn
 
     import syncnorm
@@ -204,6 +204,36 @@ def _direct_route_checks(rank: int, world: int) -> dict:
         out.update(_waiting_keeps_other_threads_running(rank, channel, bn, x))
     finally:
         ops.set_reducer(_ext._reduce)
+    out.update(_new_world_checks(rank, bn, port, store_dir))  # last: it replaces the world
+    return out
+
+
+def _new_world_checks(rank: int, bn, port: int, store_dir: str) -> dict:
+    # A layer's reducer key is cached: a destroyed and re-created world must still be seen. Each rank first
+    # re-initialises as a world of its own (no collective: this rank's batch alone, although the old world's
+    # channel is still mapped), then both join a new 2-rank world (global statistics again, over its own channel).
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    def reference(x, full):
+        ref = F.batch_norm(full.double(), None, None, training=True, eps=bn.eps)
+        ref = ref * bn.weight.detach().double().view(1, -1, 1, 1) + bn.bias.detach().double().view(1, -1, 1, 1)
+        start = 0 if full.shape[0] == x.shape[0] or rank == 0 else full.shape[0] - x.shape[0]
+        return ref[start:start + x.shape[0]]
+
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 8, 4, 4)
+    torch.manual_seed(0)
+    x1 = torch.randn(4, 8, 4, 4)
+    x = (x0, x1)[rank]
+    out: dict = {}
+    bn(x)  # the key of this world is cached
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/alone_{rank}", rank=0, world_size=1)
+    out["alone_err"] = float((bn(x).double() - reference(x, x)).abs().max())
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    out["together_err"] = float((bn(x).double() - reference(x, torch.cat([x0, x1]))).abs().max())
     return out
 
 
@@ -254,8 +284,8 @@ def _waiting_keeps_other_threads_running(rank: int, channel, bn, x) -> dict:
     return out
 
 
-def test_kernels_use_the_channel_directly():
-    for r in run_distributed(_direct_route_checks, 2, timeout=180):
+def test_kernels_use_the_channel_directly(tmp_path):
+    for r in run_distributed(_direct_route_checks, 2, free_port(), str(tmp_path), timeout=180):
         # one round each way, no call into Python
         assert r["sync"] == (1, 0, 1, 0), r
         # with comm.all_reduce_sum replaced, the same rounds, through Python, seen by the replacement
@@ -267,3 +297,5 @@ def test_kernels_use_the_channel_directly():
         # rank 0 waited about 1 s for its peer twice, with a thread touching the channel: nothing froze
         if "max_heartbeat_gap_s" in r:
             assert r["max_heartbeat_gap_s"] < 0.5, r
+        # a new world after destroy_process_group: alone, this rank's statistics; together, the global ones
+        assert r["alone_err"] < 1e-5 and r["together_err"] < 1e-5, r

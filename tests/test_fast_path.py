@@ -156,6 +156,38 @@ def test_kernels_batch_renorm_match_python_path(dtype):
     assert clipped == slow["layer"].clip_fraction() and 0.0 < clipped <= 1.0
 
 
+def test_sync_batchnorm_last_info_matches_python_path_and_keeps_no_output():
+    # SyncBatchNorm's hot path keeps the kernels' raw result and builds last_info when it is read
+    import gc
+    import weakref
+
+    x, _ = _input((4, 5, 3, 3), torch.float64)
+    infos = []
+    for python in (False, True):
+        layer = syncnorm.SyncBatchNorm(5).double()
+        previous = _ext.set_enabled(not python)
+        try:
+            y = layer(x)
+            alive = weakref.ref(y)
+            del y
+            gc.collect()
+            assert alive() is None  # the layer's state does not hold its output
+            info = layer.last_info
+            assert layer.last_info is info  # built once
+            # a failing forward (one value per channel) leaves the last good info in place
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                layer(torch.randn(1, 5, dtype=torch.float64))
+            assert layer.last_info is info
+        finally:
+            _ext.set_enabled(previous)
+        infos.append(info)
+    fast, slow = infos
+    assert fast.global_count == slow.global_count == 36 and fast.local_count == slow.local_count == 36
+    assert fast.r is None and fast.d is None and fast.extra_sum is None and fast.used is fast.batch
+    for name in ("count", "mean", "m2"):
+        assert compare(name, getattr(fast.batch, name), getattr(slow.batch, name), 1e-12, 1e-12) is None
+
+
 def test_kernels_channel_mismatch_still_raises():
     layer = syncnorm.SyncBatchNorm(4)
     with pytest.raises(ValueError, match="expected 4 channels"):

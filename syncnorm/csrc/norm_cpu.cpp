@@ -764,9 +764,10 @@ Tensor row_alias(const Tensor& t, int64_t i) {
 // flagged an error (status 1) or the group holds exactly one value per channel (status 2), the fused_norm node and
 // the running-statistics update (when running_mean is given and the global count is not 0). Batch Renorm's r and d
 // compare the batch with renorm_mean / renorm_var (read before the update; none: no renorm).
-// Returns (status, y, n, mean, m2, count, flag, r, d): r, d the fp64 Batch-Renorm factors (undefined without
-// renorm); y, r, d are undefined when status != 0.
-std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor> train_step(
+// Returns (y, (status, n, mean, m2, count, flag, r, d)): r, d the fp64 Batch-Renorm factors (undefined without
+// renorm); y, r, d are undefined when status != 0. The inner tuple holds no reference to y, so a layer can keep
+// it (its NormInfo, built on demand) without keeping its output alive.
+std::tuple<Tensor, std::tuple<int64_t, Tensor, Tensor, Tensor, int64_t, double, Tensor, Tensor>> train_step(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, int64_t num_features,
     double eps, int64_t reducer, const c10::optional<Tensor>& running_mean,
     const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& num_batches_tracked, double momentum,
@@ -778,7 +779,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
   auto [n, mean, m2, count_d, flag, ratio] = finish(buf, num_features, eps);
   const int64_t count = static_cast<int64_t>(std::llround(count_d));
   if (flag > 0 || count == 1)
-    return {flag > 0 ? 1 : 2, Tensor(), n, mean, m2, count, flag, Tensor(), Tensor()};
+    return {Tensor(), {flag > 0 ? 1 : 2, n, mean, m2, count, flag, Tensor(), Tensor()}};
   auto [y, params] = fused_norm(x, weight, bias, mean, m2, count, ratio > kCenterAbove && x.numel() > 0, eps,
                                 renorm ? renorm_mean : c10::nullopt, renorm ? renorm_var : c10::nullopt, r_max,
                                 d_max, reducer);
@@ -789,7 +790,7 @@ std::tuple<int64_t, Tensor, Tensor, Tensor, Tensor, int64_t, double, Tensor, Ten
     r = row_alias(params, kR);
     d = row_alias(params, kD);
   }
-  return {0, y, n, mean, m2, count, flag, r, d};
+  return {y, {0, n, mean, m2, count, flag, r, d}};
 }
 
 // CrossMiniBatchNorm's training forward in one call: as train_step without renorm, but the batch moments are

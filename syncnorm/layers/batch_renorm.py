@@ -170,7 +170,7 @@ class BatchRenorm(GlobalStatsBatchNorm):
             info.r, info.d = factors
         else:
             factors = bounds.last
-        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
+        self.__dict__["_last_info"] = info  # last_info's storage; skips nn.Module.__setattr__ (hot path)
         self.__dict__["_clip_state"] = (factors[0], factors[1], r_max, d_max)
         return y
 

@@ -300,7 +300,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             batch = Moments(info.batch.count.clone(), info.batch.mean, info.batch.m2)
             info.used = batch if info.used is info.batch else info.used
             info.batch, info.extra_sum = batch, None
-        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
+        self.__dict__["_last_info"] = info  # last_info's storage; skips nn.Module.__setattr__ (hot path)
         self.step.add_(1)
         return y
 
@@ -335,7 +335,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             raise _one_value_error(self.layer_name, input)
         batch = Moments(n, mean, m2)
         used = batch if un is n else Moments(un, umean, um2)
-        self.__dict__["last_info"] = NormInfo(batch=batch, used=used, global_count=count,
+        self.__dict__["_last_info"] = NormInfo(batch=batch, used=used, global_count=count,
                                               local_count=input.numel() // self.num_features)
         return y
 

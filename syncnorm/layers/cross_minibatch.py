@@ -125,7 +125,7 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
                 raise _peer_error(name, flag)
             if status == 2:
                 raise _one_value_error(name, input)
-            self.__dict__["last_info"] = NormInfo(batch=Moments(n, mean, m2), used=Moments(un, umean, um2),
+            self.__dict__["_last_info"] = NormInfo(batch=Moments(n, mean, m2), used=Moments(un, umean, um2),
                                                   global_count=count, local_count=input.numel() // self.num_features)
             return y
         count = float(self.window_count)
@@ -135,7 +135,7 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
             process_group=self.process_group, layer_name=self.layer_name, prior=prior, error=err,
         )
         self._update_running(info)
-        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
+        self.__dict__["_last_info"] = info  # last_info's storage; skips nn.Module.__setattr__ (hot path)
         with torch.no_grad():
             used = info.used
             self.window_count.copy_(used.count)

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import comm
-from ..functional import NormInfo, _fast_ops, _train_step_cpu, check_input, train_step, update_running_stats
+from .. import _ext
+from ..functional import (NormInfo, _fast_ops, _info_from_raw, _train_step_cpu, _train_step_error, check_input,
+                          train_step, update_running_stats)
 
 __all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm", "NamedLayer"]
 
@@ -86,7 +88,21 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.process_group = process_group
         self._syncnorm_name: Optional[str] = None
-        self.last_info: Optional[NormInfo] = None  # what the last training forward computed (for monitors)
+        self.last_info = None
+
+    @property
+    def last_info(self) -> Optional[NormInfo]:
+        """What the last training forward computed (global batch moments, count, r/d; see
+        :class:`syncnorm.functional.NormInfo`), or None before the first one. For monitors; all detached."""
+        info = self.__dict__.get("_last_info")
+        if type(info) is tuple:  # the C++ train_step's raw result and local count (SyncBatchNorm's hot path)
+            info = _info_from_raw(*info)
+            self.__dict__["_last_info"] = info
+        return info
+
+    @last_info.setter
+    def last_info(self, info: Optional[NormInfo]) -> None:
+        self.__dict__["_last_info"] = info
 
     def _apply(self, fn, recurse: bool = True):
         # nn.Module casts every floating buffer with the module. A float16 count overflows at 65504 values per
@@ -230,13 +246,39 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
             :func:`syncnorm.comm.new_groups` for groups of k ranks.
     """
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Eval: ``nn.BatchNorm`` eval, no collective. Training: the synchronised path described above."""
+        # The hot path, one call into the C++ kernels: training on a valid CPU input of a plain layer (weight and
+        # bias not parametrized). It computes exactly what _train_forward's C++ branch computes; on a small layer
+        # that branch's Python (checks, helper calls, building last_info) costs as much as the kernels, so here it
+        # is inlined and last_info is built only when read. Anything else takes the general path below.
+        if self.training:
+            ops = _ext._ops
+            p = self._parameters
+            w, b = p.get("weight", _ABSENT), p.get("bias", _ABSENT)
+            if (ops is not None and _ext._enabled and type(input) is torch.Tensor and input.is_cpu
+                    and input.is_floating_point() and input.dim() >= 2 and w is not _ABSENT and b is not _ABSENT
+                    and (w is None or w.is_cpu)):
+                C = self.num_features
+                if input.shape[1] == C:
+                    m = self.momentum
+                    buf = self._buffers
+                    y, raw = ops.train_step(input, w, b, C, self.eps, _ext.reducer_key(self.process_group),
+                                            buf["running_mean"], buf["running_var"], buf["num_batches_tracked"],
+                                            0.0 if m is None else float(m), m is None, None, None, 1.0, 0.0)
+                    if raw[0]:
+                        raise _train_step_error(raw, self.layer_name, input)
+                    self.__dict__["_last_info"] = (raw, input.numel() // C)
+                    return y
+        return super().forward(input)
+
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         name = self.layer_name
         b = self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
         err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
         weight, bias = self._affine()
         fast = _fast_ops(input, weight) if err is None else None
-        if fast is not None:  # train_step's own CPU branch, called without its keyword handling (hot path)
+        if fast is not None:  # train_step's own CPU branch, called without its keyword handling
             y, info = _train_step_cpu(fast, input, weight, bias, b["running_mean"], b["running_var"],
                                       b["num_batches_tracked"], self.num_features, self.eps, self.momentum,
                                       self.process_group, name, None)
@@ -246,5 +288,8 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
                 eps=self.eps, momentum=self.momentum, num_features=self.num_features,
                 process_group=self.process_group, layer_name=name, error=err,
             )
-        self.__dict__["last_info"] = info  # plain attribute; skips nn.Module.__setattr__ (hot path)
+        self.__dict__["_last_info"] = info  # the property's storage; skips nn.Module.__setattr__ (hot path)
         return y
+
+
+_ABSENT = object()  # a parameter name missing from _parameters (parametrized): the general path reads it
