@@ -401,10 +401,13 @@ def _train_step_error(raw: tuple, layer_name: str, x: torch.Tensor) -> BaseExcep
     return _peer_error(layer_name, raw[5]) if raw[0] == 1 else _one_value_error(layer_name, x)
 
 
-def _info_from_raw(raw: tuple, local_count: int) -> NormInfo:
+def _info_from_raw(raw: tuple, local_count: int, unit_factors: bool = False) -> NormInfo:
     """The :class:`NormInfo` of a successful C++ ``train_step``: ``raw`` is its ``(status, n, mean, m2, count, flag,
-    r, d)``, ``local_count`` this rank's values per channel."""
+    r, d)``, ``local_count`` this rank's values per channel; ``unit_factors``: r = 1 and d = 0 (fp64), as a
+    renormalising step reports them when its bounds pin them there."""
     _, n, mean, m2, count, _, r, d = raw
+    if unit_factors:
+        r, d = torch.ones_like(mean), torch.zeros_like(mean)
     batch = Moments(n, mean, m2)
     return NormInfo(batch=batch, used=batch, global_count=count, r=r, d=d, local_count=local_count)
 

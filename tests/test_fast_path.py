@@ -188,6 +188,49 @@ def test_sync_batchnorm_last_info_matches_python_path_and_keeps_no_output():
         assert compare(name, getattr(fast.batch, name), getattr(slow.batch, name), 1e-12, 1e-12) is None
 
 
+def test_subclass_overrides_are_honoured_on_the_kernels_path():
+    # SyncBatchNorm's and BatchRenorm's inlined kernel step stands in for the standard _train_forward only: a
+    # subclass that overrides the training path, the affine read or the accepted dims gets its override, on every
+    # call and on both paths
+    class Scaled(syncnorm.SyncBatchNorm):
+        def _train_forward(self, input):
+            return 2 * super()._train_forward(input)
+
+    class WeightThree(syncnorm.BatchRenorm):
+        def _affine(self):
+            return torch.full_like(self.weight, 3.0), self.bias
+
+    class Only4D(syncnorm.SyncBatchNorm):
+        _min_dim = _max_dim = 4
+
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    for enabled in (True, False):
+        previous = _ext.set_enabled(enabled)
+        try:
+            for _ in range(2):
+                torch.testing.assert_close(Scaled(3).double()(x), 2 * syncnorm.SyncBatchNorm(3).double()(x))
+                torch.testing.assert_close(WeightThree(3).double()(x), 3 * syncnorm.BatchRenorm(3).double()(x))
+                with pytest.raises(ValueError, match=r"Only4D\(3\): expected 4D input, got 2D"):
+                    Only4D(3).double()(x[:, :, 0, 0])
+        finally:
+            _ext.set_enabled(previous)
+    assert syncnorm.SyncBatchNorm._kernel_step_ok and syncnorm.BatchRenorm._kernel_step_ok
+    assert not (Scaled._kernel_step_ok or WeightThree._kernel_step_ok or Only4D._kernel_step_ok)
+
+
+def test_last_info_of_a_layer_pickled_before_it_was_a_property():
+    import pickle
+
+    layer = syncnorm.SyncBatchNorm(3)
+    layer(torch.randn(4, 3))
+    info = layer.last_info
+    state = layer.__dict__
+    state["last_info"] = state.pop("_last_info")  # how versions before the property stored it
+    loaded = pickle.loads(pickle.dumps(layer))
+    assert loaded.last_info.global_count == info.global_count == 4
+    torch.testing.assert_close(loaded.last_info.batch.mean, info.batch.mean)
+
+
 def test_kernels_channel_mismatch_still_raises():
     layer = syncnorm.SyncBatchNorm(4)
     with pytest.raises(ValueError, match="expected 4 channels"):

@@ -108,7 +108,8 @@ class BatchRenorm(GlobalStatsBatchNorm):
         super().__init__(num_features, eps, momentum, affine, True, process_group, device, dtype)
         self.r_max = r_max
         self.d_max = d_max
-        # fp64 r and d of the last training forward and the bounds they were clipped to (for clip_fraction)
+        # fp64 r and d of the last training forward and the bounds they were clipped to (for clip_fraction); r and
+        # d are None when the bounds pinned them to 1 and 0
         self._clip_state: Optional[tuple[torch.Tensor, torch.Tensor, float, float]] = None
 
     # ------------------------------------------------------------------ r_max / d_max
@@ -142,6 +143,20 @@ class BatchRenorm(GlobalStatsBatchNorm):
         return value
 
     # ------------------------------------------------------------------ forward
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Eval: ``nn.BatchNorm`` eval, no collective. Training: Batch Renormalization as described above."""
+        if self.training:
+            r_max, d_max = self._r_max, self._d_max
+            # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm (see _train_forward)
+            plain = r_max == 1.0 and d_max == 0.0
+            y = self._kernel_step(input, not plain, r_max, d_max, plain)
+            if y is not None:
+                raw = self.__dict__["_last_info"][0]
+                # (r, d of that forward, or None for both when pinned to 1 and 0; the bounds in force)
+                self.__dict__["_clip_state"] = (None, None, 1.0, 0.0) if plain else (raw[6], raw[7], r_max, d_max)
+                return y
+        return super().forward(input)
+
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         # r and d read the running statistics before train_step's update changes them in place
         eps, r_max, d_max = self.eps, self._r_max, self._d_max
@@ -174,6 +189,8 @@ class BatchRenorm(GlobalStatsBatchNorm):
         self.__dict__["_clip_state"] = (factors[0], factors[1], r_max, d_max)
         return y
 
+    _kernel_train_forward = _train_forward  # _kernel_step computes exactly this on the C++ kernels
+
     def clip_fraction(self) -> float:
         """Fraction of channels in which ``r`` or ``d`` was clipped at the last training forward.
 
@@ -187,6 +204,8 @@ class BatchRenorm(GlobalStatsBatchNorm):
         if info is None or self._clip_state is None or info.global_count == 0:
             return 0.0
         r, d, r_max, d_max = self._clip_state
+        if r is None:  # r_max = 1, d_max = 0: r and d sit at their bounds in every channel
+            return 1.0
         # clamp returns the bound itself when it clips, so equality with the fp64 bound is exact
         clipped = (r == r_max) | (r == 1.0 / r_max) | (d == d_max) | (d == -d_max)
         return float(clipped.double().mean())

@@ -39,6 +39,9 @@ class NamedLayer:
         self._syncnorm_name = name
 
 
+_ABSENT = object()  # a parameter name missing from _parameters (parametrized): the general path reads it
+
+
 class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     """Base of the synchronising layers: BatchNorm's parameters, buffers and state-dict keys, plus a process group.
 
@@ -94,8 +97,9 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     def last_info(self) -> Optional[NormInfo]:
         """What the last training forward computed (global batch moments, count, r/d; see
         :class:`syncnorm.functional.NormInfo`), or None before the first one. For monitors; all detached."""
-        info = self.__dict__.get("_last_info")
-        if type(info) is tuple:  # the C++ train_step's raw result and local count (SyncBatchNorm's hot path)
+        d = self.__dict__
+        info = d["_last_info"] if "_last_info" in d else d.get("last_info")  # (a layer pickled before last_info was a property)
+        if type(info) is tuple:  # the C++ train_step's raw result and local count (_kernel_step)
             info = _info_from_raw(*info)
             self.__dict__["_last_info"] = info
         return info
@@ -179,6 +183,54 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # _kernel_step stands in for the class's own _train_forward only where that is the standard one (named by
+    # _kernel_train_forward) and the affine read and the accepted input dims are BatchNorm's: a subclass that
+    # overrides any of them takes the general path, which calls its overrides
+    _kernel_train_forward = None
+    _kernel_step_ok = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._kernel_step_ok = (cls._kernel_train_forward is not None
+                               and cls._train_forward is cls._kernel_train_forward
+                               and cls._affine is GlobalStatsBatchNorm._affine
+                               and cls._min_dim == 2 and cls._max_dim is None)
+
+    def _kernel_step(self, input, renorm: bool, r_max: float, d_max: float,
+                     unit_factors: bool) -> Optional[torch.Tensor]:
+        """The training forward of SyncBatchNorm / BatchRenorm as one call into the C++ kernels, or None (nothing
+        done) when this input or layer needs the general path (:meth:`_train_forward`).
+
+        The kernels run on a valid CPU input of a layer whose weight and bias are plain parameters (not
+        parametrized), and compute exactly what ``_train_forward``'s own C++ branch computes; on a small layer that
+        branch's Python (checks, helper calls, building ``last_info``) costs as much as the kernels, so this one is
+        inlined, and ``last_info`` keeps the kernels' raw result until it is read. ``renorm``: r and d compare the
+        batch with the running statistics, clipped to ``r_max`` / ``d_max``; ``unit_factors``: ``last_info`` reports
+        r = 1 and d = 0 (BatchRenorm pinned to BatchNorm).
+        """
+        ops = _ext._ops
+        if ops is None or not self._kernel_step_ok:
+            return None
+        p = self._parameters
+        w, b = p.get("weight", _ABSENT), p.get("bias", _ABSENT)
+        if not (_ext._enabled and type(input) is torch.Tensor and input.is_cpu
+                and input.is_floating_point() and input.dim() >= 2 and w is not _ABSENT and b is not _ABSENT
+                and (w is None or w.is_cpu)):
+            return None
+        C = self.num_features
+        if input.shape[1] != C:
+            return None
+        m = self.momentum
+        buf = self._buffers
+        running_mean, running_var = buf["running_mean"], buf["running_var"]
+        y, raw = ops.train_step(input, w, b, C, self.eps, _ext.reducer_key(self.process_group), running_mean,
+                                running_var, buf["num_batches_tracked"], 0.0 if m is None else float(m), m is None,
+                                running_mean if renorm else None, running_var if renorm else None, r_max, d_max)
+        if raw[0]:
+            raise _train_step_error(raw, self.layer_name, input)
+        self.__dict__["_last_info"] = (raw, input.numel() // C, unit_factors)
+        return y
+
     def _update_running(self, info: NormInfo) -> None:
         if self.track_running_stats:
             update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, info.batch,
@@ -248,28 +300,10 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Eval: ``nn.BatchNorm`` eval, no collective. Training: the synchronised path described above."""
-        # The hot path, one call into the C++ kernels: training on a valid CPU input of a plain layer (weight and
-        # bias not parametrized). It computes exactly what _train_forward's C++ branch computes; on a small layer
-        # that branch's Python (checks, helper calls, building last_info) costs as much as the kernels, so here it
-        # is inlined and last_info is built only when read. Anything else takes the general path below.
         if self.training:
-            ops = _ext._ops
-            p = self._parameters
-            w, b = p.get("weight", _ABSENT), p.get("bias", _ABSENT)
-            if (ops is not None and _ext._enabled and type(input) is torch.Tensor and input.is_cpu
-                    and input.is_floating_point() and input.dim() >= 2 and w is not _ABSENT and b is not _ABSENT
-                    and (w is None or w.is_cpu)):
-                C = self.num_features
-                if input.shape[1] == C:
-                    m = self.momentum
-                    buf = self._buffers
-                    y, raw = ops.train_step(input, w, b, C, self.eps, _ext.reducer_key(self.process_group),
-                                            buf["running_mean"], buf["running_var"], buf["num_batches_tracked"],
-                                            0.0 if m is None else float(m), m is None, None, None, 1.0, 0.0)
-                    if raw[0]:
-                        raise _train_step_error(raw, self.layer_name, input)
-                    self.__dict__["_last_info"] = (raw, input.numel() // C)
-                    return y
+            y = self._kernel_step(input, False, 1.0, 0.0, False)
+            if y is not None:
+                return y
         return super().forward(input)
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -291,5 +325,6 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
         self.__dict__["_last_info"] = info  # the property's storage; skips nn.Module.__setattr__ (hot path)
         return y
 
+    _kernel_train_forward = _train_forward
 
-_ABSENT = object()  # a parameter name missing from _parameters (parametrized): the general path reads it
+
