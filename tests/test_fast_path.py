@@ -214,8 +214,32 @@ def test_subclass_overrides_are_honoured_on_the_kernels_path():
                     Only4D(3).double()(x[:, :, 0, 0])
         finally:
             _ext.set_enabled(previous)
-    assert syncnorm.SyncBatchNorm._kernel_step_ok and syncnorm.BatchRenorm._kernel_step_ok
-    assert not (Scaled._kernel_step_ok or WeightThree._kernel_step_ok or Only4D._kernel_step_ok)
+    assert syncnorm.SyncBatchNorm(3)._kernel_step_ok() and syncnorm.BatchRenorm(3)._kernel_step_ok()
+    assert not (Scaled(3)._kernel_step_ok() or WeightThree(3)._kernel_step_ok() or Only4D(3)._kernel_step_ok())
+
+
+def test_patched_train_forward_is_called_on_the_kernels_path(monkeypatch):
+    # a patch of _train_forward on the instance or on the class (a profiler's wrapper, a test's mock), applied
+    # after the class was made, is honoured as before the inlined kernel step
+    calls = []
+    layer = syncnorm.BatchRenorm(3)
+    original = syncnorm.BatchRenorm._train_forward
+
+    def on_instance(input):
+        calls.append("instance")
+        return original(layer, input)
+
+    def on_class(self, input):
+        calls.append("class")
+        return original(self, input)
+
+    x = torch.randn(4, 3)
+    layer._train_forward = on_instance
+    layer(x), layer(x)
+    del layer._train_forward
+    monkeypatch.setattr(syncnorm.BatchRenorm, "_train_forward", on_class)
+    layer(x), layer(x)
+    assert calls == ["instance"] * 2 + ["class"] * 2
 
 
 def test_last_info_of_a_layer_pickled_before_it_was_a_property():
