@@ -638,3 +638,16 @@ def test_a_conv_attaches_to_one_layer_at_a_time():
     from syncnorm.layers.cross_iteration import _capture_conv_input
 
     assert sum(1 for fn in conv._forward_hooks.values() if fn is _capture_conv_input) == 1
+    # a deep copy or an unpickled copy owns its copy of the conv the same way, and trains with it
+    import pickle
+
+    net = nn.Sequential(conv, second)
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert twin[1].paired_conv is twin[0]
+        with pytest.raises(ValueError, match="already attached"):
+            syncnorm.CrossIterationBatchNorm(4).attach(twin[0])
+        for _ in range(2):
+            twin(torch.randn(2, 3, 5, 5)).square().sum().backward()
+        assert twin[0].weight.grad is not None and conv.weight.grad is None
+    with pytest.raises(ValueError, match="already attached"):  # the original keeps its own pairing
+        syncnorm.CrossIterationBatchNorm(4).attach(conv)

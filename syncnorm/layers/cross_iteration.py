@@ -41,8 +41,8 @@ def _conv_output_size(conv: _ConvNd, size: tuple[int, ...]) -> tuple[int, ...]:
                  for n, p, d, k, s in zip(size, padding, conv.dilation, conv.kernel_size, conv.stride))
 
 
-# conv -> weak reference to the CrossIterationBatchNorm attached to it (neither keeps the other alive; deep copies and
-# pickles of either carry nothing of it)
+# conv -> weak reference to the CrossIterationBatchNorm attached to it (neither keeps the other alive). A deep copy or
+# unpickled copy of a layer registers itself for its copy of the conv (CrossIterationBatchNorm.__setstate__).
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
@@ -175,6 +175,14 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
         self._conv: list = []  # [conv] or []: a plain list, so the conv is neither a submodule nor in state_dict
         self._warned_unpaired = False
+
+    def __setstate__(self, state) -> None:
+        # copy.deepcopy and pickle restore the pairing through this: the copy owns its copy of the conv, so a second
+        # layer attaching to that conv is refused as for the original
+        super().__setstate__(state)
+        conv = self.paired_conv
+        if conv is not None and _owner_of(conv) is None:
+            _OWNERS[conv] = weakref.ref(self)
 
     # ------------------------------------------------------------------ pairing
     @property
