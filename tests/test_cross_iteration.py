@@ -328,8 +328,28 @@ def test_state_dict_keys_eval_and_errors():
     # attached conv that did not run before the layer
     conv = nn.Conv2d(3, C, 3)
     bn = CBN(C, window=2).attach(conv)
-    with pytest.raises(ValueError, match="the conv did not run in training mode before this layer"):
+    with pytest.raises(ValueError, match="the conv did not run before this layer in this step"):
         bn(torch.randn(2, C, 3, 3))
+    # a conv in eval mode under no_grad (a frozen backbone) still feeds a training CBN: the same output and history
+    # as with the conv in training mode
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 3, 5, 5) for _ in range(3)]
+    outs = []
+    for frozen in (False, True):
+        torch.manual_seed(1)
+        conv = nn.Conv2d(3, C, 3, padding=1)
+        net = nn.Sequential(conv, CBN(C, window=2).attach(conv))
+        conv.train(not frozen)
+        with torch.no_grad():
+            outs.append(([net(x) for x in xs], net[1].history_dvar.clone()))
+    for a, b in zip(outs[0][0] + [outs[0][1]], outs[1][0] + [outs[1][1]]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert bool(outs[0][1].abs().sum() > 0)  # the compensation's derivatives were recorded
+    # in eval, the layer leaves nothing of the conv's input behind
+    net.eval()
+    with torch.no_grad():
+        net(xs[0])
+    assert not hasattr(conv, "_syncnorm_cbn_input")
 
 
 @pytest.mark.parametrize("python", [False, True], ids=["kernels", "python"])

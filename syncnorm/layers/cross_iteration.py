@@ -19,7 +19,7 @@ from .sync_batchnorm import GlobalStatsBatchNorm
 __all__ = ["CrossIterationBatchNorm"]
 
 _F64 = torch.float64
-_CAPTURED = "_syncnorm_cbn_input"  # attribute of the conv holding its last training input until the norm reads it
+_CAPTURED = "_syncnorm_cbn_input"  # attribute of the conv holding its input until the training norm reads it
 # the history buffers in the order the C++ step (cbn_step in syncnorm/csrc/norm_cpu.cpp) takes them
 _HISTORY_ORDER = ("history_count", "history_mean", "history_var", "history_mean_at", "history_var_at",
                   "history_compensable", "history_dmean", "history_dvar", "history_next", "history_filled", "step")
@@ -27,8 +27,11 @@ _HISTORY_ORDER = ("history_count", "history_mean", "history_var", "history_mean_
 
 def _capture_conv_input(conv: nn.Module, inputs: tuple, output) -> None:
     # Module-level and stateless, so deep copies / pickles of the conv carry no reference to a norm layer.
-    # The conv's autograd graph already keeps its input alive for backward, so holding it costs no memory.
-    if conv.training or torch.is_grad_enabled():
+    # The input is kept only while the paired layer trains, which reads (and drops) it in its own forward right
+    # after; in training the conv's autograd graph keeps that input alive anyway. The conv's own mode does not
+    # matter: a conv in eval mode (a frozen backbone) under no_grad still feeds a training CBN.
+    owner = _owner_of(conv)
+    if owner is not None and owner.training:
         conv.__dict__[_CAPTURED] = inputs[0]
 
 
@@ -193,7 +196,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     def attach(self, conv: nn.Module) -> "CrossIterationBatchNorm":
         """Pair this layer with the conv whose output it normalises; returns ``self``.
 
-        Registers a forward hook on ``conv`` that keeps its last training input until this layer has read it. A conv
+        Registers a forward hook on ``conv`` that, while this layer is in training mode, keeps the conv's input until
+        this layer has read it (whatever the conv's own mode: a conv in eval mode under ``no_grad`` works). A conv
         already attached to another CrossIterationBatchNorm is refused (ValueError): call that layer's
         :meth:`detach` first.
         Accepts ``nn.Conv1d/2d/3d`` (any groups, stride, dilation, padding, padding_mode) with
@@ -357,8 +361,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         """Why the captured conv input cannot give the weight-gradient statistics of ``x``, or None."""
         if conv_input is None:
             return self._grad_sums_error(conv, ValueError(
-                "the conv did not run in training mode before this layer in this step (it must feed this layer "
-                "directly)"))
+                "the conv did not run before this layer in this step, or ran while this layer was in eval mode (it "
+                "must feed this layer directly)"))
         if conv_input.dim() != conv.weight.dim():
             return self._grad_sums_error(conv, ValueError(
                 f"the conv ran on an unbatched input of shape {tuple(conv_input.shape)}; expected a batched input "
