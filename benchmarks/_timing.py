@@ -76,8 +76,8 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], repeats: in
     (``time.process_time``) of the same samples.
 
     The process's allocator is put in its steady state first (:func:`steady_allocator`). Each repeat runs every
-    candidate once, in an order drawn from ``random.Random(seed)``: the same sequence of
-    orders on every rank (the candidates' collectives must meet), a different order from one repeat to the next.
+    candidate once, in an order drawn from ``random.Random(seed)`` (a shuffle per repeat): the same sequence of
+    orders on every rank (the candidates' collectives must meet).
     ``sync`` (e.g. a barrier, or a CPU-clock marker) is called right before and right after each sample, outside the
     timed region: with a barrier, every rank starts a sample together and its time includes waiting for peers inside
     the sample's own collectives, but not the barrier itself.

@@ -5,7 +5,7 @@ Run from the repository root::
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_renorm [--repeats N] [--out benchmarks/results/renorm.md]
 
 For each shape and world size (1, and 2 gloo ranks on CPU, one thread per rank), the three layers are timed
-interleaved in one process, in a new random order at every repeat, with :func:`benchmarks._timing.time_interleaved`
+interleaved in one process, in a random order drawn at every repeat, with :func:`benchmarks._timing.time_interleaved`
 (fp32, median of ``repeats`` samples; glibc's malloc thresholds fixed, see
 :func:`benchmarks._timing.steady_allocator`).
 Each sample records both the wall time and the CPU time of the process (``time.process_time``, read just around
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             f"({os.cpu_count()} cores)",
             "",
             "Median time of one forward + backward per pass, the three layers timed interleaved in one process, "
-            "in a new random order at every repeat, with glibc's malloc thresholds fixed "
+            "in a random order drawn at every repeat, with glibc's malloc thresholds fixed "
             "(`benchmarks._timing.steady_allocator`) "
             f"({args.repeats} samples each; a sample of the small shape runs {_passes_per_sample(SHAPES[-1])} "
             "passes). World 2 = two gloo ranks on this machine, one thread each, the slower rank's median. "

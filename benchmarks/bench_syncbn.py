@@ -4,7 +4,7 @@ Run from the repository root:
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_syncbn [--repeats 20]
 
-Prints four tables (medians over interleaved repeats in a new random order at every repeat, one thread per rank,
+Prints four tables (medians over interleaved repeats in a random order drawn at every repeat, one thread per rank,
 glibc's malloc thresholds fixed: see :mod:`benchmarks._timing`):
 
 1. world 1: SyncBatchNorm (its whole synchronising path runs; the all-reduce is a no-op at world 1) and the

@@ -240,6 +240,16 @@ def test_patched_train_forward_is_called_on_the_kernels_path(monkeypatch):
     monkeypatch.setattr(syncnorm.BatchRenorm, "_train_forward", on_class)
     layer(x), layer(x)
     assert calls == ["instance"] * 2 + ["class"] * 2
+    # the accepted dims set on an instance, and the base class's affine read patched
+    sbn = syncnorm.SyncBatchNorm(3)
+    sbn._max_dim = 2
+    with pytest.raises(ValueError, match=r"SyncBatchNorm\(3\): expected at least 2D|expected 2D input"):
+        sbn(torch.randn(4, 3, 2))
+    from syncnorm.layers.sync_batchnorm import GlobalStatsBatchNorm
+
+    monkeypatch.setattr(GlobalStatsBatchNorm, "_affine", lambda self: (torch.full((3,), 2.0), None))
+    expected = 2 * torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(syncnorm.SyncBatchNorm(3)(x), expected)
 
 
 def test_last_info_of_a_layer_pickled_before_it_was_a_property():

@@ -108,8 +108,8 @@ class BatchRenorm(GlobalStatsBatchNorm):
         super().__init__(num_features, eps, momentum, affine, True, process_group, device, dtype)
         self.r_max = r_max
         self.d_max = d_max
-        # fp64 r and d of the last training forward and the bounds they were clipped to (for clip_fraction); r and
-        # d are None when the bounds pinned them to 1 and 0
+        # fp64 r and d of the last training forward and the bounds they were clipped to (for clip_fraction); when
+        # the bounds pinned them to 1 and 0, r and d are None (kernel step) or ones and zeros (general path)
         self._clip_state: Optional[tuple[torch.Tensor, torch.Tensor, float, float]] = None
 
     # ------------------------------------------------------------------ r_max / d_max

@@ -185,15 +185,16 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
 
     # _kernel_step stands in for the class's own _train_forward (named by _kernel_train_forward) only while that is
     # the one in force and the affine read and the accepted input dims are BatchNorm's: a subclass that overrides
-    # any of them, or a patch of _train_forward / _affine on the class or the instance (a profiler's, a test's
-    # mock), takes the general path, which calls them
+    # any of them, or a patch of _train_forward / _affine / _min_dim / _max_dim on a class or on the instance (a
+    # profiler's wrapper, a test's mock), takes the general path, which uses them. (Patches of the module-level
+    # helpers that _train_forward calls, e.g. check_input, are not seen.)
     _kernel_train_forward = None
 
     def _kernel_step_ok(self) -> bool:
         """Whether :meth:`_kernel_step` may stand in for :meth:`_train_forward` (checked at every call)."""
         cls, own = type(self), self.__dict__
         return (cls._train_forward is cls._kernel_train_forward and cls._train_forward is not None
-                and cls._affine is GlobalStatsBatchNorm._affine and cls._min_dim == 2 and cls._max_dim is None
+                and cls._affine is _STANDARD_AFFINE and self._min_dim == 2 and self._max_dim is None
                 and "_train_forward" not in own and "_affine" not in own)
 
     def _kernel_step(self, input, renorm: bool, r_max: float, d_max: float,
@@ -201,10 +202,13 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         """The training forward of SyncBatchNorm / BatchRenorm as one call into the C++ kernels, or None (nothing
         done) when this input or layer needs the general path (:meth:`_train_forward`).
 
-        The kernels run on a valid CPU input of a layer whose weight and bias are plain parameters (not
-        parametrized), and compute exactly what ``_train_forward``'s own C++ branch computes; on a small layer that
-        branch's Python (checks, helper calls, building ``last_info``) costs as much as the kernels, so this one is
-        inlined, and ``last_info`` keeps the kernels' raw result until it is read. ``renorm``: r and d compare the
+        The kernels run when :meth:`_kernel_step_ok` holds, the kernels are loaded and enabled, ``input`` is a
+        plain CPU ``torch.Tensor`` (not a subclass) of a floating dtype with at least 2 dims and ``num_features``
+        channels, and ``weight`` and ``bias`` are entries of ``_parameters`` (None accepted; a parametrized one is
+        not there) with ``weight`` None or on the CPU. They then compute what ``_train_forward``'s own C++ branch
+        computes, from the same arguments; on a small layer that branch's Python (checks, helper calls, building
+        ``last_info``) costs as much as the kernels, so this one is inlined, and ``last_info`` keeps the kernels'
+        raw result until it is read. ``renorm``: r and d compare the
         batch with the running statistics, clipped to ``r_max`` / ``d_max``; ``unit_factors``: ``last_info`` reports
         r = 1 and d = 0 (BatchRenorm pinned to BatchNorm).
         """
@@ -326,5 +330,8 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
         return y
 
     _kernel_train_forward = _train_forward
+
+
+_STANDARD_AFFINE = GlobalStatsBatchNorm._affine  # (so that a patch of the base class's _affine is seen too)
 
 
