@@ -98,7 +98,8 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         """What the last training forward computed (global batch moments, count, r/d; see
         :class:`syncnorm.functional.NormInfo`), or None before the first one. For monitors; all detached."""
         d = self.__dict__
-        info = d["_last_info"] if "_last_info" in d else d.get("last_info")  # (a layer pickled before last_info was a property)
+        # (a layer pickled before last_info was a property has it under its own name)
+        info = d["_last_info"] if "_last_info" in d else d.get("last_info")
         if type(info) is tuple:  # the C++ train_step's raw result and local count (_kernel_step)
             info = _info_from_raw(*info)
             self.__dict__["_last_info"] = info
@@ -208,9 +209,9 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         not there) with ``weight`` None or on the CPU. They then compute what ``_train_forward``'s own C++ branch
         computes, from the same arguments; on a small layer that branch's Python (checks, helper calls, building
         ``last_info``) costs as much as the kernels, so this one is inlined, and ``last_info`` keeps the kernels'
-        raw result until it is read. ``renorm``: r and d compare the
-        batch with the running statistics, clipped to ``r_max`` / ``d_max``; ``unit_factors``: ``last_info`` reports
-        r = 1 and d = 0 (BatchRenorm pinned to BatchNorm).
+        raw result until it is read. ``renorm``: r and d compare the batch with the running statistics, clipped to
+        ``r_max`` / ``d_max``; ``unit_factors``: ``last_info`` reports r = 1 and d = 0 (BatchRenorm pinned to
+        BatchNorm).
         """
         ops = _ext._ops
         if ops is None or not self._kernel_step_ok():
