@@ -263,6 +263,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Eval: ``nn.BatchNorm`` eval (running statistics, no collective; any conv input kept for this layer is
+        dropped). Training: the batch's global moments merged with the compensated history, as described above."""
         if not self.training:
             conv = self.paired_conv
             if conv is not None:
