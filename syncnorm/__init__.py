@@ -6,7 +6,7 @@ The public API, re-exported flat:
   :class:`CrossMiniBatchNorm`, :class:`FrozenBatchNorm`;
 - conversion: :func:`convert`, :func:`revert`, :func:`summary`;
 - statistics utilities: :func:`precise_bn`;
-- submodules: :mod:`comm`, :mod:`stats`, :mod:`functional`, :mod:`schedules`, :mod:`callbacks`, :mod:`launch`.
+- submodules: :mod:`comm`, :mod:`ops` (the custom ops), :mod:`stats`, :mod:`functional`, :mod:`schedules`, :mod:`callbacks`, :mod:`launch`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import comm, functional, stats
+from . import comm, functional, ops, stats
 from .layers.sync_batchnorm import SyncBatchNorm
 
 # Eager, not lazy: importing the submodule syncnorm.convert binds the package attribute "convert" to the module,
@@ -34,7 +34,7 @@ _LAZY = {
 }
 _LAZY_MODULES = {"schedules", "callbacks", "launch", "cli", "layers"}
 
-__all__ = ["SyncBatchNorm", "convert", "revert", "summary", "comm", "functional", "stats", *sorted(_LAZY),
+__all__ = ["SyncBatchNorm", "convert", "revert", "summary", "comm", "functional", "ops", "stats", *sorted(_LAZY),
            *sorted(_LAZY_MODULES)]
 
 

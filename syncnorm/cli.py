@@ -194,17 +194,17 @@ def _cmd_bench(args) -> int:
 def _cmd_build_ext(args) -> int:
     import time
 
-    from . import _ext
+    from . import ops
 
     start = time.perf_counter()
     try:
-        module = _ext.build(verbose=args.verbose)
+        directory = ops.build_cpu_kernels(verbose=args.verbose)
     except Exception as e:  # noqa: BLE001 - report whatever the compiler or loader said
         print(f"syncnorm: the C++ CPU kernels could not be built: {type(e).__name__}: {e}\n"
-              "syncnorm still works: it uses the Python path (same results, slower on small layers).",
+              "syncnorm still works: CPU tensors use the reference implementation (same results, slower).",
               file=sys.stderr)
         return 1
-    print(f"syncnorm: C++ CPU kernels ready ({module.__name__}, {time.perf_counter() - start:.1f} s)")
+    print(f"syncnorm: C++ CPU kernels ready ({directory}, {time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -1,15 +1,18 @@
-"""Per-channel moments: local moments, the exact merge, the one collective, and global moments.
+"""Per-channel moments: the packed vector of the forward collective, the exact merge, and the deferred checks.
 
-Every syncnorm layer gets its batch statistics from :func:`global_moments`. The data path is
+Every syncnorm layer gets its batch statistics from :func:`global_moments`:
 
-1. **Local sums** of an ``(N, C, *)`` input in at least fp32 (fp64 for fp64 input): ``sum(x)`` and ``sum(x^2)`` in
-   one fast pass each, or, for channels whose mean is far larger than their spread (mean 1e4, std 1), *shifted*
-   sums ``sum(x - k)``, ``sum((x - k)^2)`` around the local mean ``k``, so nothing cancels catastrophically.
-2. **One collective.** Each rank packs ``[n, error_flag, sum x, sum x^2, extra...]`` in fp64 (raw sums, rebuilt
-   exactly in fp64 from shifted ones) and all-reduces the vector with a sum. The vector has ``2C + 2``
-   entries plus an optional caller payload, so the bytes a rank sends do not depend on the world size.
-3. **Global moments** ``(N, mean, M2)`` come out of the summed vector in fp64; the merge is exact (Chan et al.),
-   so uneven and empty per-rank batches are weighted by their element counts.
+1. **Local sums.** The custom op :func:`syncnorm.ops.batch_stats` reduces this rank's ``(N, C, *)`` input to the
+   fp64 vector ``[n, flag, sum x, sum x^2]`` (``2C + 2`` values; a caller's payload may follow). A rank whose input
+   is invalid sends zeros with ``flag = 1`` instead.
+2. **One collective.** :func:`syncnorm.comm.all_reduce_sum` sums that vector over the process group, so the bytes a
+   rank sends do not depend on the world size.
+3. **Global moments** ``(N, mean, M2)`` come out of the summed vector in fp64; the merge is exact (Chan et al.), so
+   uneven and empty per-rank batches are weighted by their element counts.
+
+No value is read on the host on the way: the count and the error flag stay tensors. What is checked on them (a
+peer's invalid input, one value per channel in the whole group) goes through :func:`require`, which raises at once
+on CPU and, on accelerators, as soon as the device has produced the flag (see :func:`raise_pending_errors`).
 
 :class:`Moments` also merges with moments from elsewhere (earlier micro-batches for CmBN, compensated history for
 CBN, accumulated batches for PreciseBN) with the same exact formula.
@@ -17,22 +20,23 @@ CBN, accumulated batches for PreciseBN) with the same exact formula.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections import deque
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import _ext, comm
+from . import comm, ops
+from .ops import accumulation_dtype
 
 __all__ = [
     "Moments",
-    "LocalSums",
     "accumulation_dtype",
-    "reduce_dims",
-    "local_sums",
     "global_moments",
     "moments_of",
+    "unpack",
     "PeerInputError",
-    "GlobalMoments",
+    "require",
+    "raise_pending_errors",
     "all_reduce_moments",
     "merge_all",
 ]
@@ -79,12 +83,6 @@ class Moments(NamedTuple):
 
     def merge(self, other: "Moments") -> "Moments":
         """Exact moments of the union of both sets (Chan's parallel update); either may be empty."""
-        fast = _ext.ops_for(self.mean)
-        if (fast is not None and self.mean.dtype == _STATS_DTYPE and other.mean.dtype == _STATS_DTYPE
-                and self.mean.shape == other.mean.shape == self.m2.shape == other.m2.shape and self.mean.dim() == 1
-                and not (self.mean.requires_grad or other.mean.requires_grad or self.m2.requires_grad
-                         or other.m2.requires_grad)):
-            return Moments(*fast.merge_moments(self.count, self.mean, self.m2, other.count, other.mean, other.m2))
         n = self.count + other.count
         safe_n = torch.where(n > 0, n, torch.ones_like(n))
         delta = other.mean - self.mean
@@ -97,141 +95,88 @@ class Moments(NamedTuple):
         return Moments(self.count.detach(), self.mean.detach(), self.m2.detach())
 
 
-class LocalSums(NamedTuple):
-    """Sums of one rank's input: ``count`` values per channel, ``s1 = sum(x - shift)``, ``s2 = sum((x - shift)^2)``
-    in the accumulation dtype; ``shift`` is None (raw sums) or a per-channel tensor."""
-
-    count: int
-    shift: Optional[torch.Tensor]
-    s1: torch.Tensor
-    s2: torch.Tensor
-
-    def to_moments(self) -> Moments:
-        """Local :class:`Moments` in fp64 (mean = shift + s1/n, M2 = s2 - s1^2/n)."""
-        device = self.s1.device
-        n = torch.tensor(float(self.count), dtype=_STATS_DTYPE, device=device)
-        if self.count == 0:
-            z = torch.zeros_like(self.s1, dtype=_STATS_DTYPE)
-            return Moments(n, z, z.clone())
-        s1 = self.s1.to(_STATS_DTYPE)
-        s2 = self.s2.to(_STATS_DTYPE)
-        mean = s1 / self.count
-        m2 = (s2 - s1 * mean).clamp_min(0)
-        if self.shift is not None:
-            mean = mean + self.shift.to(_STATS_DTYPE)
-        return Moments(n, mean, m2)
+def unpack(stats: torch.Tensor, num_features: int) -> Moments:
+    """The :class:`Moments` of a (summed) ``[n, flag, sum x, sum x^2, ...]`` vector, all fp64 tensors."""
+    n = stats[0]
+    safe_n = n.clamp_min(1)
+    s1 = stats[2:2 + num_features]
+    mean = s1 / safe_n
+    m2 = (stats[2 + num_features:2 + 2 * num_features] - mean * s1).clamp_min(0)
+    return Moments(n.clone(), mean, m2)
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 for fp64 input, fp32 for everything else (fp16/bf16 statistics accumulate in fp32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def moments_of(x: torch.Tensor) -> Moments:
+    """Local fp64 :class:`Moments` of an ``(N, C, *)`` tensor (no collective)."""
+    return unpack(ops.batch_stats(x.detach(), x.shape[1]), x.shape[1])
 
 
-def reduce_dims(x: torch.Tensor) -> list[int]:
-    """All dimensions but the channel dimension 1 of an ``(N, C, *)`` tensor."""
-    return [0] + list(range(2, x.dim()))
+def _error_vector(num_features: int, extra_numel: int, device) -> torch.Tensor:
+    # what a rank with invalid input sends: nothing counted, the error flag set
+    vec = torch.zeros(2 + 2 * num_features + extra_numel, dtype=_STATS_DTYPE, device=device)
+    vec[1] = 1.0
+    return vec
 
 
-# Raw (unshifted) sums lose digits in s2 - s1^2/n once mean^2 exceeds this multiple of the variance; such inputs
-# are summed again around their mean (an exact two-pass), others keep the single fast pass.
-_SHIFT_ABOVE = 100.0
-
-
-def _sums(x: torch.Tensor, acc: torch.dtype, shift: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    N, C = x.shape[0], x.shape[1]
-    if x.dtype != acc:
-        x = x.to(acc)
-    if shift is None and x.is_contiguous():
-        rows = x.reshape(N, C, -1)
-        # one pass each, no temporary: sum and 2-norm along the contiguous spatial axis, then over the batch
-        return rows.sum(2).sum(0), torch.linalg.vector_norm(rows, 2, 2).square().sum(0)
-    if x.dim() > 2 and not x.is_contiguous():
-        # channels_last and friends: (N, *, C) rows with C contiguous
-        rows = x.movedim(1, -1).reshape(-1, C)
-    else:
-        rows = x.reshape(N, C, -1).transpose(1, 2).reshape(-1, C) if x.dim() > 2 else x
-    if shift is not None:
-        rows = rows - shift
-    return rows.sum(0), (rows * rows).sum(0)
-
-
-def local_sums(x: torch.Tensor, sync_free: Optional[bool] = None) -> LocalSums:
-    """Per-channel sums of ``x`` (shape ``(N, C, *)``), accumulated in :func:`accumulation_dtype`.
-
-    On CPU (default) one pass computes ``sum(x)`` and ``sum(x^2)``; when that is ill-conditioned
-    (``mean^2 > 100 var`` in some channel, e.g. mean 1e4 with unit variance) the channel sums are recomputed around
-    the local mean, so ``s2 - s1^2/n`` never cancels catastrophically. That decision reads one flag on the host.
-    On accelerators (``sync_free``, the default off CPU) no host read is allowed, so the sums are always taken
-    around the first sample of each channel, which is within a few standard deviations of the mean for any data.
-    Empty input gives zero sums.
-    """
-    acc = accumulation_dtype(x.dtype)
-    channels = x.shape[1]
-    count = x.numel() // channels if channels else 0
-    if count == 0:
-        z = torch.zeros(channels, dtype=acc, device=x.device)
-        return LocalSums(0, None, z, z.clone())
-    if sync_free is None:
-        sync_free = x.device.type != "cpu"
-    if sync_free:
-        shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(acc)
-        s1, s2 = _sums(x, acc, shift)
-        return LocalSums(count, shift, s1, s2)
-    s1, s2 = _sums(x, acc, None)
-    mean = s1 / count
-    var = s2 / count - mean * mean
-    if bool((mean * mean > _SHIFT_ABOVE * var.clamp_min(0)).any()):
-        shift = mean
-        s1, s2 = _sums(x, acc, shift)
-        return LocalSums(count, shift, s1, s2)
-    return LocalSums(count, None, s1, s2)
-
-
-def _pack(local: Optional[LocalSums], num_features: int, device, extra: Optional[torch.Tensor],
-          extra_numel: int, error: bool) -> torch.Tensor:
-    count = 0.0 if (error or local is None) else float(local.count)
-    head = torch.tensor([count, 1.0 if error else 0.0], dtype=_STATS_DTYPE, device=device)
-    if count == 0:
-        body = torch.zeros(2 * num_features, dtype=_STATS_DTYPE, device=device)
-    elif local.shift is None:
-        body = torch.cat([local.s1, local.s2]).to(_STATS_DTYPE)
-    else:
-        # back to raw sums in fp64: sum x = s1 + n k, sum x^2 = s2 + 2 k s1 + n k^2
-        s1 = local.s1.to(_STATS_DTYPE)
-        k = local.shift.to(_STATS_DTYPE)
-        body = torch.cat([s1 + count * k, local.s2.to(_STATS_DTYPE) + k * (2 * s1 + count * k)])
-    parts = [head, body]
-    if extra_numel:
-        if error or extra is None:
-            parts.append(torch.zeros(extra_numel, dtype=_STATS_DTYPE, device=device))
-        else:
-            parts.append(extra.reshape(-1).to(_STATS_DTYPE))
-    return torch.cat(parts)
-
-
-class GlobalMoments(NamedTuple):
-    """Result of :func:`global_moments`.
-
-    Attributes:
-        moments: fp64 :class:`Moments` of the union of all ranks' batches.
-        count: the global number of values per channel, as a Python int (identical on every rank).
-        extra_sum: the caller's payload summed over ranks (fp64), or None.
-        mean_to_std: ``max_c |mean_c| / sqrt(var_c + eps)`` as a Python float. Large values mean that
-            ``x * scale + shift`` would cancel catastrophically, so :func:`syncnorm.functional.normalize` centres
-            the input first.
-    """
-
-    moments: Moments
-    count: int
-    extra_sum: Optional[torch.Tensor]
-    mean_to_std: float
-
-
-def _peer_error(layer_name: str, flag: float) -> PeerInputError:
+def _peer_error(layer_name: str, flag: Optional[float]) -> "PeerInputError":
+    who = "another rank" if flag is None else f"{int(flag)} other rank(s)"
     return PeerInputError(
-        f"{layer_name}: {int(flag)} other rank(s) of the process group passed invalid input to this layer "
-        "(see the error raised on those ranks); every rank stops here instead of hanging"
+        f"{layer_name}: {who} of the process group passed invalid input to this layer (see the error raised on "
+        "those ranks); every rank stops here instead of hanging"
     )
+
+
+class _Pending(NamedTuple):
+    value: torch.Tensor  # pinned host copy of the checked value
+    event: object  # the device event after which `value` is valid
+    bad: Callable[[float], bool]
+    error: Callable[[Optional[float]], BaseException]
+
+
+_pending: "deque[_Pending]" = deque()
+
+
+def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[torch.Tensor], torch.Tensor],
+            error: Callable[[Optional[float]], BaseException]) -> None:
+    """Raise ``error(v)`` where the 0-d tensor ``value`` holds a bad ``v`` (``bad(v)``; ``ok(value)`` is the same
+    test as a tensor), without stopping an accelerator to read it.
+
+    - **CPU, eager:** ``value`` is read at once and the error raised here.
+    - **CUDA, eager:** ``value`` is copied to pinned host memory without blocking; the copy is examined, and the
+      error raised, by the first :func:`raise_pending_errors` after the device has made it: every synchronising
+      layer calls it at the start of its training forward and of its backward, so an error surfaces at most one
+      layer later (or call ``raise_pending_errors(wait=True)``, which waits for the device).
+    - **Under torch.compile:** ``torch._assert_async(ok(value), message)``, which the compiled graph checks without
+      a graph break (on CPU it raises a RuntimeError with the message; on CUDA it is a device-side assert).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok(value), str(error(None)))
+        return
+    if value.device.type == "cuda":
+        host = torch.empty((), dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        _pending.append(_Pending(host, event, bad, error))
+        return
+    v = float(value)
+    if bad(v):
+        raise error(v)
+
+
+def raise_pending_errors(wait: bool = False) -> None:
+    """Raise the first error :func:`require` deferred on an accelerator whose value the device has produced
+    (``wait=True``: wait for all of them). Pending checks that passed are dropped. A no-op on CPU."""
+    while _pending:
+        entry = _pending[0]
+        if wait:
+            entry.event.synchronize()
+        elif not entry.event.query():
+            return
+        _pending.popleft()
+        v = float(entry.value)
+        if entry.bad(v):
+            _pending.clear()  # the step is abandoned: later checks of it would only repeat the news
+            raise entry.error(v)
 
 
 def global_moments(
@@ -244,60 +189,42 @@ def global_moments(
     extra_numel: Optional[int] = None,
     error: Optional[BaseException] = None,
     layer_name: str = "layer",
-    eps: float = 1e-5,
-) -> GlobalMoments:
+) -> tuple[Moments, Optional[torch.Tensor]]:
     """Global per-channel moments of ``x`` over ``process_group``, with **one** all-reduce.
 
     Args:
         x: this rank's ``(N, C, *)`` input (N may be 0); ignored when ``error`` is given.
-        num_features: C, taken from the layer so that a rank with invalid input still packs the right size.
+        num_features: C, taken from the layer so that a rank with invalid input still sends the right size.
         process_group: group to reduce over (None = the world). World 1 issues no collective.
-        device: device of the packed vector (defaults to ``x.device``).
+        device: device of the vector a rank with invalid input sends (defaults to ``x.device``, else CPU).
         extra: optional payload summed over ranks in the same collective (CBN's weight-gradient statistics).
         extra_numel: size of the payload; must be given when ``error`` is set and a payload is used.
         error: when this rank's input is invalid, the exception to raise. The rank still joins the collective with
-            an error flag, then raises ``error``; the other ranks raise :class:`PeerInputError`.
+            the error flag set, then raises ``error``; the other ranks raise :class:`PeerInputError` (through
+            :func:`require`: at once on CPU, at the next check on an accelerator).
         layer_name: used in error messages.
-        eps: the layer's eps, for :attr:`GlobalMoments.mean_to_std`.
 
     Returns:
-        a :class:`GlobalMoments`.
+        ``(moments, extra_sum)``: fp64 :class:`Moments` of the union of all ranks' batches (the count a 0-d
+        tensor), and the payload summed over ranks (fp64) or None.
     """
     if extra_numel is None:
         extra_numel = 0 if extra is None else extra.numel()
-    if device is None:
-        device = x.device
-    fast = _ext.ops_for(x) if (error is None and x is not None) else None
-    if fast is not None and torch.device(device).type == "cpu" and (not extra_numel or extra is not None):
-        # the same computation from C++ (syncnorm/csrc/norm_cpu.cpp): local sums + pack, collective, unpack
-        buf = fast.local_pack(x, num_features)
+    if error is not None or x is None:
+        if device is None:
+            device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        stats = _error_vector(num_features, extra_numel, device)
+    else:
+        stats = ops.batch_stats(x, num_features)
         if extra_numel:
-            buf = torch.cat([buf, extra.reshape(-1).to(_STATS_DTYPE)])
-        comm.all_reduce_sum(buf, process_group)
-        n, mean, m2, count, flag, mean_to_std = fast.finish(buf, num_features, eps)
-        if flag > 0:
-            raise _peer_error(layer_name, flag)
-        extra_sum = buf[2 + 2 * num_features:] if extra_numel else None
-        return GlobalMoments(Moments(n, mean, m2), int(round(count)), extra_sum, mean_to_std)
-    local = None if (error is not None or x is None) else local_sums(x)
-    buf = _pack(local, num_features, device, extra, extra_numel, error is not None)
-    comm.all_reduce_sum(buf, process_group)
-    n = buf[0].clone()  # not a view: Moments must not keep the packed vector (and its payload) alive
-    safe_n = n.clamp_min(1)
-    s1 = buf[2:2 + num_features]
-    mean = s1 / safe_n
-    m2 = (buf[2 + num_features:2 + 2 * num_features] - mean * s1).clamp_min_(0)
-    ratio = (mean * mean / (m2 / safe_n + eps)).amax()
-    # One host read per forward: the error flag and the global count decide what every rank does next,
-    # identically on every rank.
-    count, flag, ratio2 = torch.stack([buf[0], buf[1], ratio]).tolist()
-    mean_to_std = ratio2 ** 0.5
+            stats = torch.cat([stats, extra.reshape(-1).to(_STATS_DTYPE)])
+    stats = comm.all_reduce_sum(stats, process_group)
     if error is not None:
         raise error
-    if flag > 0:
-        raise _peer_error(layer_name, flag)
-    extra_sum = buf[2 + 2 * num_features:] if extra_numel else None
-    return GlobalMoments(Moments(n, mean, m2), int(round(count)), extra_sum, mean_to_std)
+    flag = stats[1]
+    require(flag, lambda v: v > 0, lambda t: t == 0, lambda v: _peer_error(layer_name, v))
+    extra_sum = stats[2 + 2 * num_features:] if extra_numel else None
+    return unpack(stats, num_features), extra_sum
 
 
 def all_reduce_moments(
@@ -333,8 +260,8 @@ def all_reduce_moments(
                 buf[offset + 1:offset + 1 + c] = s1
                 buf[offset + 1 + c:offset + 1 + 2 * c] = part.m2.to(_STATS_DTYPE) + part.mean.to(_STATS_DTYPE) * s1
             offset += 2 * c + 1
-    comm.all_reduce_sum(buf, process_group)
-    flag = float(buf[0])
+    buf = comm.all_reduce_sum(buf, process_group)
+    flag = float(buf[0])  # (PreciseBN runs outside a training step: a host read is fine here)
     if error is not None:
         raise error
     if flag > 0:
@@ -350,11 +277,6 @@ def all_reduce_moments(
         out.append(Moments(n, mean, m2))
         offset += 2 * c + 1
     return out
-
-
-def moments_of(x: torch.Tensor) -> Moments:
-    """Local fp64 :class:`Moments` of an ``(N, C, *)`` tensor (no collective)."""
-    return local_sums(x).to_moments()
 
 
 def merge_all(parts: Sequence[Moments]) -> Moments:

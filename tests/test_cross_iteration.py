@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import syncnorm
-from syncnorm import _ext
+from syncnorm import ops
 from syncnorm.stats import Moments, merge_all, moments_of
 from tests.dist.harness import CollectiveLedger, run_distributed
 from tests.oracle import compare, grad_weights, make_batches, reference_bn
@@ -354,7 +354,7 @@ def test_state_dict_keys_eval_and_errors():
 
 @pytest.mark.parametrize("python", [False, True], ids=["kernels", "python"])
 def test_conv_input_errors_and_corrupt_fill_count(python, monkeypatch):
-    previous = _ext.set_enabled(not python)
+    previous = ops.set_kernels_enabled(not python)
     try:
         # an unbatched conv input (nn.Conv1d/2d accept one) gives a clear error, on either path
         conv = nn.Conv1d(C, C, 3, padding=1)
@@ -385,7 +385,7 @@ def test_conv_input_errors_and_corrupt_fill_count(python, monkeypatch):
             outs.append(twin(twin_conv(torch.ones(2, 3, 6, 6, dtype=torch.float64))))
         torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     finally:
-        _ext.set_enabled(previous)
+        ops.set_kernels_enabled(previous)
 
 
 def test_pairing_keeps_no_cycles_and_follows_deepcopy():
@@ -534,7 +534,7 @@ def _grad_sums_failure_checks(rank, world, results):
     from syncnorm.stats import PeerInputError
 
     for python in (False, True):
-        previous = _ext.set_enabled(not python)
+        previous = ops.set_kernels_enabled(not python)
         original = CBN._conv_input_error
         CBN._conv_input_error = lambda self, conv, conv_input, x: None
         try:
@@ -550,7 +550,7 @@ def _grad_sums_failure_checks(rank, world, results):
                 outcome = "own" if "could not compute the weight-gradient statistics" in str(e) else repr(e)
         finally:
             CBN._conv_input_error = original
-            _ext.set_enabled(previous)
+            ops.set_kernels_enabled(previous)
         results[f"grad-sums-failure-{'python' if python else 'kernels'}"] = outcome
 
 
@@ -558,11 +558,11 @@ def _world_worker(rank, world):
     results = {}
     solo = syncnorm.comm.new_groups(1)  # the single-process references run on each rank without syncing
     _cbn_oracle(rank, world, results, solo)  # the C++ kernels where they build
-    previous = _ext.set_enabled(False)
+    previous = ops.set_kernels_enabled(False)
     try:
         _cbn_oracle(rank, world, results, solo, suffix="-python")  # the Python path, in the same world
     finally:
-        _ext.set_enabled(previous)
+        ops.set_kernels_enabled(previous)
     _cmbn_oracle(rank, world, results, solo)
     _ledger_checks(rank, world, results)
     _grad_sums_failure_checks(rank, world, results)
@@ -614,7 +614,7 @@ def test_distributed_grad_sums_failure_raises_everywhere(world_results):
 def test_half_model_history_products_do_not_overflow_on_either_path():
     # A .half() conv + CBN whose products <d sigma^2/dW, W> (about 6e5 here) exceed float16's range while every
     # activation is finite: the Python path (CUDA's) computed them in float16 and turned the statistics into inf/NaN.
-    from syncnorm import _ext
+    from syncnorm import ops
 
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
@@ -623,7 +623,7 @@ def test_half_model_history_products_do_not_overflow_on_either_path():
     xs = [(torch.randn(4, 3, 6, 6) * 30 + 30).half() for _ in range(4)]
     outs = {}
     for python in (False, True):
-        previous = _ext.set_enabled(not python)
+        previous = ops.set_kernels_enabled(not python)
         try:
             m = syncnorm.convert(copy.deepcopy(base), "cross_iteration", window=3).half()
             opt = torch.optim.SGD(m.parameters(), lr=1e-3)
@@ -635,7 +635,7 @@ def test_half_model_history_products_do_not_overflow_on_either_path():
                 opt.zero_grad()
                 ys.append(y.detach())
         finally:
-            _ext.set_enabled(previous)
+            ops.set_kernels_enabled(previous)
         assert bool(m[1].history_compensable.all())
         assert all(bool(torch.isfinite(y.float()).all()) for y in ys), "python" if python else "kernels"
         assert bool(torch.isfinite(m[1].history_var_at).all()) and bool(torch.isfinite(m[1].history_dvar.float()).all())

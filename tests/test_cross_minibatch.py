@@ -147,12 +147,12 @@ def test_low_precision_module_keeps_exact_window_counts(dtype, python):
     assert layer.window_count.dtype == layer.window_mean.dtype == layer.window_m2.dtype == torch.float64
     g = torch.Generator().manual_seed(0)
     xs = [(torch.randn(2, 3, 128, 130, generator=g, dtype=torch.float64) * (1 + k) + k).to(dtype) for k in range(3)]
-    previous = syncnorm._ext.set_enabled(False) if python else None
+    previous = syncnorm.ops.set_kernels_enabled(False) if python else None
     try:
         ys = [layer(x) for x in xs]
     finally:
         if python:
-            syncnorm._ext.set_enabled(previous)
+            syncnorm.ops.set_kernels_enabled(previous)
     per_batch = 2 * 128 * 130  # 33280 values per channel: the third micro-batch takes the window past 65504
     assert float(layer.window_count) == 3 * per_batch
     full = torch.cat([x.double() for x in xs])

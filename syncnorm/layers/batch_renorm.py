@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..functional import NormInfo, RenormBounds, _fast_ops, _train_step_cpu, check_input, train_step
+from ..functional import NormInfo, RenormBounds, check_input, train_step
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["BatchRenorm"]
@@ -108,8 +108,7 @@ class BatchRenorm(GlobalStatsBatchNorm):
         super().__init__(num_features, eps, momentum, affine, True, process_group, device, dtype)
         self.r_max = r_max
         self.d_max = d_max
-        # fp64 r and d of the last training forward and the bounds they were clipped to (for clip_fraction); when
-        # the bounds pinned them to 1 and 0, r and d are None (kernel step) or ones and zeros (general path)
+        # fp64 r and d of the last training forward and the bounds they were clipped to (for clip_fraction)
         self._clip_state: Optional[tuple[torch.Tensor, torch.Tensor, float, float]] = None
 
     # ------------------------------------------------------------------ r_max / d_max
@@ -143,53 +142,24 @@ class BatchRenorm(GlobalStatsBatchNorm):
         return value
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Eval: ``nn.BatchNorm`` eval, no collective. Training: Batch Renormalization as described above."""
-        if self.training:
-            r_max, d_max = self._r_max, self._d_max
-            # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm (see _train_forward)
-            plain = r_max == 1.0 and d_max == 0.0
-            y = self._kernel_step(input, not plain, r_max, d_max, plain)
-            if y is not None:
-                raw = self.__dict__["_last_info"][0]
-                # (r, d of that forward, or None for both when pinned to 1 and 0; the bounds in force)
-                self.__dict__["_clip_state"] = (None, None, 1.0, 0.0) if plain else (raw[6], raw[7], r_max, d_max)
-                return y
-        return super().forward(input)
-
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
-        # r and d read the running statistics before train_step's update changes them in place
-        eps, r_max, d_max = self.eps, self._r_max, self._d_max
-        # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so skip the O(C) renorm arithmetic
-        # (the warm-up of a schedule costs exactly SyncBatchNorm)
+        r_max, d_max = self._r_max, self._d_max
+        # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so the renorm arithmetic is skipped
         plain = r_max == 1.0 and d_max == 0.0
-        b = self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
-        running_mean, running_var, name = b["running_mean"], b["running_var"], self.layer_name
-        bounds = None if plain else RenormBounds(running_mean, running_var, eps, r_max, d_max)
-        err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
-        weight, bias = self._affine()
-        fast = _fast_ops(input, weight) if err is None else None
-        if fast is not None:  # train_step's own CPU branch, called without its keyword handling (hot path)
-            y, info = _train_step_cpu(fast, input, weight, bias, running_mean, running_var,
-                                      b["num_batches_tracked"], self.num_features, eps, self.momentum,
-                                      self.process_group, name, bounds)
-        else:
-            y, info = train_step(
-                input, weight, bias, running_mean, running_var, b["num_batches_tracked"],
-                eps=eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
-                layer_name=name, renorm=bounds, error=err,
-            )
+        # r and d read the running statistics before train_step's update changes them in place
+        bounds = None if plain else RenormBounds(self.running_mean, self.running_var, self.eps, r_max, d_max)
+        err = check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
+        y, info = train_step(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            eps=self.eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
+            layer_name=self.layer_name, renorm=bounds, error=err,
+        )
         if plain:
-            ones = torch.ones_like(info.batch.mean)  # fp64, like the factors of a renormalising step
-            factors = (ones, torch.zeros_like(ones))
-            info.r, info.d = factors
-        else:
-            factors = bounds.last
-        self.__dict__["_last_info"] = info  # last_info's storage; skips nn.Module.__setattr__ (hot path)
-        self.__dict__["_clip_state"] = (factors[0], factors[1], r_max, d_max)
+            info.r = torch.ones_like(info.batch.mean)
+            info.d = torch.zeros_like(info.batch.mean)
+        self.last_info = info
+        self._clip_state = (info.r, info.d, r_max, d_max)
         return y
-
-    _kernel_train_forward = _train_forward  # _kernel_step computes exactly this on the C++ kernels
 
     def clip_fraction(self) -> float:
         """Fraction of channels in which ``r`` or ``d`` was clipped at the last training forward.
@@ -201,11 +171,9 @@ class BatchRenorm(GlobalStatsBatchNorm):
         whose global batch was empty. O(C), no collective; identical on every rank.
         """
         info: Optional[NormInfo] = self.last_info
-        if info is None or self._clip_state is None or info.global_count == 0:
+        if info is None or self._clip_state is None or float(info.global_count) == 0:
             return 0.0
         r, d, r_max, d_max = self._clip_state
-        if r is None:  # r_max = 1, d_max = 0: r and d sit at their bounds in every channel
-            return 1.0
         # clamp returns the bound itself when it clips, so equality with the fp64 bound is exact
         clipped = (r == r_max) | (r == 1.0 / r_max) | (d == d_max) | (d == -d_max)
         return float(clipped.double().mean())

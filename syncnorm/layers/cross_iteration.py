@@ -11,16 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from .. import _ext
-from ..functional import NormInfo, _one_value_error, normalize
-from ..stats import Moments, _peer_error, accumulation_dtype
+from ..functional import NormInfo, normalize
+from ..stats import Moments, accumulation_dtype
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["CrossIterationBatchNorm"]
 
 _F64 = torch.float64
 _CAPTURED = "_syncnorm_cbn_input"  # attribute of the conv holding its input until the training norm reads it
-# the history buffers in the order the C++ step (cbn_step in syncnorm/csrc/norm_cpu.cpp) takes them
+# the buffers of the family's own state (the history and the step counter)
 _HISTORY_ORDER = ("history_count", "history_mean", "history_var", "history_mean_at", "history_var_at",
                   "history_compensable", "history_dmean", "history_dvar", "history_next", "history_filled", "step")
 
@@ -86,11 +85,9 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     2 x / M``. Both are computed under ``no_grad`` from the conv input captured by a forward hook, as local sums,
     and summed over ranks **in the same forward all-reduce** as the batch statistics, so every rank holds an
     identical history. Grouped, depthwise, strided, dilated and padded (any ``padding_mode``, ``'same'``) Conv1d,
-    Conv2d and Conv3d are supported; transposed convs and unbatched conv inputs are refused. On CPU (with the C++
-    kernels, see :mod:`syncnorm._ext`) the whole training forward is one C++ call that computes the same
-    quantities (the input-patch sums by separable passes over the batch-summed input, not by a conv); if the
-    weight-gradient statistics fail there, the rank still joins the collective with an error flag, so its peers
-    raise :class:`syncnorm.stats.PeerInputError` rather than wait.
+    Conv2d and Conv3d are supported; transposed convs and unbatched conv inputs are refused. If the weight-gradient
+    statistics fail, the rank still joins the collective with an error flag, so its peers raise
+    :class:`syncnorm.stats.PeerInputError` rather than wait.
 
     **Pairing.** :meth:`attach` names the conv whose output this layer normalises (``syncnorm.convert`` does it for
     every conv -> norm pair). A layer with ``compensate=True`` and ``window > 1`` but no attached conv falls back to
@@ -290,11 +287,6 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             extra_numel = w.numel() // w.shape[0] * (conv.groups + self.num_features)
             if err is None:
                 err = self._conv_input_error(conv, captured, input)
-        if err is None:
-            fast = _ext.ops_for(input)
-            if fast is not None and (self.weight is None or self.weight.is_cpu) and self.history_count.is_cpu:
-                return self._train_forward_cpu(fast, input, conv if compensating else None, captured, filled,
-                                               use_history, record)
         if err is None and extra_numel is not None:
             try:
                 extra = self._local_grad_sums(conv, captured, input)
@@ -307,50 +299,15 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             extra_numel=extra_numel, error=err,
         )
         self._update_running(info)
-        if record and info.global_count > 0:
+        if record and float(info.global_count) > 0:
             self._record(info, conv if compensating else None, filled)
         if extra_numel is not None:
             # the global payload is weight-sized: keep neither it nor the packed vector that info.batch.count views
             batch = Moments(info.batch.count.clone(), info.batch.mean, info.batch.m2)
             info.used = batch if info.used is info.batch else info.used
             info.batch, info.extra_sum = batch, None
-        self.__dict__["_last_info"] = info  # last_info's storage; skips nn.Module.__setattr__ (hot path)
+        self.last_info = info
         self.step.add_(1)
-        return y
-
-    def _train_forward_cpu(self, fast, input: torch.Tensor, conv: Optional[_ConvNd], captured, filled: int,
-                           use_history: bool, record: bool) -> torch.Tensor:
-        # The C++ kernels: the steps of the Python path below (weight-gradient statistics, the one forward
-        # all-reduce, the compensated pooled history, the fused node, running statistics, the history record and
-        # the step counter) in one call; the Python path stays the reference (tests run both).
-        if conv is None:
-            conv_args = (None, None, None, (), (), (), 1)
-        elif not record:
-            conv_args = (None, conv.weight, conv.bias, (), (), (), conv.groups)
-        else:
-            conv_input, padding = captured, conv.padding
-            if isinstance(padding, str) or conv.padding_mode != "zeros":
-                mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-                conv_input = F.pad(captured.detach(), conv._reversed_padding_repeated_twice, mode=mode)
-                padding = (0,) * (input.dim() - 2)
-            conv_args = (conv_input, conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
-        momentum = self.momentum
-        b = self._buffers  # plain dict reads (nn.Module.__getattr__ is slow on this hot path)
-        status, y, n, mean, m2, count, flag, un, umean, um2, message = fast.cbn_step(
-            input, *self._affine(), self.num_features, self.eps, _ext.reducer_key(self.process_group),
-            b["running_mean"], b["running_var"], b["num_batches_tracked"],
-            0.0 if momentum is None else float(momentum), momentum is None,
-            [b[name] for name in _HISTORY_ORDER], filled, use_history, record, *conv_args)
-        if status == 3:
-            raise self._grad_sums_error(conv, RuntimeError(message))
-        if status == 1:
-            raise _peer_error(self.layer_name, flag)
-        if status == 2:
-            raise _one_value_error(self.layer_name, input)
-        batch = Moments(n, mean, m2)
-        used = batch if un is n else Moments(un, umean, um2)
-        self.__dict__["_last_info"] = NormInfo(batch=batch, used=used, global_count=count,
-                                              local_count=input.numel() // self.num_features)
         return y
 
     # ------------------------------------------------------------------ weight-gradient statistics
@@ -421,7 +378,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     def _record(self, info: NormInfo, conv: Optional[_ConvNd], filled: int) -> None:
         with torch.no_grad():
             slot = int(self.history_next)
-            count = float(info.global_count)
+            count = info.global_count
             self.history_count[slot] = count
             self.history_mean[slot] = info.batch.mean
             self.history_var[slot] = info.batch.var()

@@ -6,9 +6,8 @@ from typing import Optional
 
 import torch
 
-from .. import _ext
-from ..functional import NormInfo, _one_value_error, check_input, normalize
-from ..stats import Moments, _peer_error
+from ..functional import check_input, normalize
+from ..stats import Moments
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["CrossMiniBatchNorm"]
@@ -106,42 +105,26 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
                          for t in (self.window_count, self.window_mean, self.window_m2)))
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
-        name = self.layer_name
-        err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
-        steps = self._accumulation_steps
-        if steps is not None and int(self.window_forwards) >= steps:
-            self.reset()
-        fast = _ext.ops_for(input) if err is None else None
-        if fast is not None and (self.weight is None or self.weight.is_cpu):
-            # the C++ kernels: statistics, the one forward all-reduce, the merge with the window, the fused node,
-            # the running statistics and the window buffers in one call (the same steps as below)
-            momentum = self.momentum
-            status, y, n, mean, m2, count, flag, un, umean, um2 = fast.window_step(
-                input, self.weight, self.bias, self.num_features, self.eps, _ext.reducer_key(self.process_group),
-                self.running_mean, self.running_var, self.num_batches_tracked,
-                0.0 if momentum is None else float(momentum), momentum is None, self.window_count, self.window_mean,
-                self.window_m2, self.window_forwards)
-            if status == 1:
-                raise _peer_error(name, flag)
-            if status == 2:
-                raise _one_value_error(name, input)
-            self.__dict__["_last_info"] = NormInfo(batch=Moments(n, mean, m2), used=Moments(un, umean, um2),
-                                                  global_count=count, local_count=input.numel() // self.num_features)
-            return y
-        count = float(self.window_count)
-        prior = self.window_moments() if count > 0 else None
+        err = check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
+        with torch.no_grad():
+            prior, forwards = self.window_moments(), self.window_forwards
+            if self._accumulation_steps is not None:
+                # a full window starts over here; decided on the device, without reading the count on the host
+                full = forwards >= self._accumulation_steps
+                prior = Moments(*(torch.where(full, torch.zeros_like(t), t) for t in prior))
+                forwards = torch.where(full, torch.zeros_like(forwards), forwards)
         y, info = normalize(
             input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
             process_group=self.process_group, layer_name=self.layer_name, prior=prior, error=err,
         )
         self._update_running(info)
-        self.__dict__["_last_info"] = info  # last_info's storage; skips nn.Module.__setattr__ (hot path)
+        self.last_info = info
         with torch.no_grad():
-            used = info.used
-            self.window_count.copy_(used.count)
-            self.window_mean.copy_(used.mean)
-            self.window_m2.copy_(used.m2)
-            self.window_forwards.add_(1)
+            # (an empty global micro-batch merges as nothing: the window's moments stay as they were)
+            self.window_count.copy_(info.used.count)
+            self.window_mean.copy_(info.used.mean)
+            self.window_m2.copy_(info.used.m2)
+            self.window_forwards.copy_(forwards + 1)
         return y
 
     def extra_repr(self) -> str:

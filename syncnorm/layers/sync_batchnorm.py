@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import comm
-from .. import _ext
-from ..functional import (NormInfo, _fast_ops, _info_from_raw, _train_step_cpu, _train_step_error, check_input,
-                          train_step, update_running_stats)
+from ..functional import NormInfo, check_input, train_step, update_running_stats
 
 __all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm", "NamedLayer"]
 
@@ -26,20 +24,12 @@ class NamedLayer:
     @property
     def layer_name(self) -> str:
         """Name used in error messages: the qualified name if known, else ``ClassName(num_features)``."""
-        key = (self._syncnorm_name, self.num_features)
-        cached = self.__dict__.get("_layer_name_cache")
-        if cached is None or cached[0] != key:  # built once: every training forward passes it along
-            base = f"{type(self).__name__}({self.num_features})"
-            cached = (key, f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base)
-            self.__dict__["_layer_name_cache"] = cached
-        return cached[1]
+        base = f"{type(self).__name__}({self.num_features})"
+        return f"{base} '{self._syncnorm_name}'" if self._syncnorm_name else base
 
     def set_layer_name(self, name: str) -> None:
         """Record the qualified name of this layer in its model, for error messages."""
         self._syncnorm_name = name
-
-
-_ABSENT = object()  # a parameter name missing from _parameters (parametrized): the general path reads it
 
 
 class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
@@ -93,21 +83,9 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
         self._syncnorm_name: Optional[str] = None
         self.last_info = None
 
-    @property
-    def last_info(self) -> Optional[NormInfo]:
-        """What the last training forward computed (global batch moments, count, r/d; see
-        :class:`syncnorm.functional.NormInfo`), or None before the first one. For monitors; all detached."""
-        d = self.__dict__
-        # (a layer pickled before last_info was a property has it under its own name)
-        info = d["_last_info"] if "_last_info" in d else d.get("last_info")
-        if type(info) is tuple:  # the C++ train_step's raw result and local count (_kernel_step)
-            info = _info_from_raw(*info)
-            self.__dict__["_last_info"] = info
-        return info
-
-    @last_info.setter
-    def last_info(self, info: Optional[NormInfo]) -> None:
-        self.__dict__["_last_info"] = info
+    last_info: Optional[NormInfo]
+    """What the last training forward computed (global batch moments, count, r/d; see
+    :class:`syncnorm.functional.NormInfo`), or None before the first one. For monitors; all detached tensors."""
 
     def _apply(self, fn, recurse: bool = True):
         # nn.Module casts every floating buffer with the module. A float16 count overflows at 65504 values per
@@ -148,12 +126,6 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     def _input_error(self, input) -> Optional[BaseException]:
         return check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
 
-    def _affine(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        # weight and bias from the module dict (nn.Module.__getattr__ is slow on the training hot path); a
-        # parametrized one (torch.nn.utils.parametrize) is no longer there and is computed through the module
-        p = self._parameters
-        return (p["weight"] if "weight" in p else self.weight), (p["bias"] if "bias" in p else self.bias)
-
     def _use_batch_stats(self) -> bool:
         return self.training or (self.running_mean is None and self.running_var is None)
 
@@ -184,62 +156,10 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    # _kernel_step stands in for the class's own _train_forward (named by _kernel_train_forward) only while that is
-    # the one in force and the affine read and the accepted input dims are BatchNorm's: a subclass that overrides
-    # any of them, or a patch of _train_forward / _affine / _min_dim / _max_dim on a class or on the instance (a
-    # profiler's wrapper, a test's mock), takes the general path, which uses them. (Patches of the module-level
-    # helpers that _train_forward calls, e.g. check_input, are not seen.)
-    _kernel_train_forward = None
-
-    def _kernel_step_ok(self) -> bool:
-        """Whether :meth:`_kernel_step` may stand in for :meth:`_train_forward` (checked at every call)."""
-        cls, own = type(self), self.__dict__
-        return (cls._train_forward is cls._kernel_train_forward and cls._train_forward is not None
-                and cls._affine is _STANDARD_AFFINE and self._min_dim == 2 and self._max_dim is None
-                and "_train_forward" not in own and "_affine" not in own)
-
-    def _kernel_step(self, input, renorm: bool, r_max: float, d_max: float,
-                     unit_factors: bool) -> Optional[torch.Tensor]:
-        """The training forward of SyncBatchNorm / BatchRenorm as one call into the C++ kernels, or None (nothing
-        done) when this input or layer needs the general path (:meth:`_train_forward`).
-
-        The kernels run when :meth:`_kernel_step_ok` holds, the kernels are loaded and enabled, ``input`` is a
-        plain CPU ``torch.Tensor`` (not a subclass) of a floating dtype with at least 2 dims and ``num_features``
-        channels, and ``weight`` and ``bias`` are entries of ``_parameters`` (None accepted; a parametrized one is
-        not there) with ``weight`` None or on the CPU. They then compute what ``_train_forward``'s own C++ branch
-        computes, from the same arguments; on a small layer that branch's Python (checks, helper calls, building
-        ``last_info``) costs as much as the kernels, so this one is inlined, and ``last_info`` keeps the kernels'
-        raw result until it is read. ``renorm``: r and d compare the batch with the running statistics, clipped to
-        ``r_max`` / ``d_max``; ``unit_factors``: ``last_info`` reports r = 1 and d = 0 (BatchRenorm pinned to
-        BatchNorm).
-        """
-        ops = _ext._ops
-        if ops is None or not self._kernel_step_ok():
-            return None
-        p = self._parameters
-        w, b = p.get("weight", _ABSENT), p.get("bias", _ABSENT)
-        if not (_ext._enabled and type(input) is torch.Tensor and input.is_cpu
-                and input.is_floating_point() and input.dim() >= 2 and w is not _ABSENT and b is not _ABSENT
-                and (w is None or w.is_cpu)):
-            return None
-        C = self.num_features
-        if input.shape[1] != C:
-            return None
-        m = self.momentum
-        buf = self._buffers
-        running_mean, running_var = buf["running_mean"], buf["running_var"]
-        y, raw = ops.train_step(input, w, b, C, self.eps, _ext.reducer_key(self.process_group), running_mean,
-                                running_var, buf["num_batches_tracked"], 0.0 if m is None else float(m), m is None,
-                                running_mean if renorm else None, running_var if renorm else None, r_max, d_max)
-        if raw[0]:
-            raise _train_step_error(raw, self.layer_name, input)
-        self.__dict__["_last_info"] = (raw, input.numel() // C, unit_factors)
-        return y
-
     def _update_running(self, info: NormInfo) -> None:
         if self.track_running_stats:
             update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, info.batch,
-                                 info.global_count, self.momentum)
+                                 self.momentum)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -269,17 +189,16 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
     statistics: ``running_var`` with the *unbiased* global variance (global count ``N_total - 1``), ``momentum=None``
     gives the cumulative average, and ``num_batches_tracked`` counts training forwards with a non-empty global batch.
 
-    **Cost.** Exactly one all-reduce in forward, of ``2C + 2`` fp64 values (``16C + 16`` bytes), and one in backward,
-    of ``2C`` values in the accumulation dtype (``8C`` bytes for fp32/fp16/bf16 input, ``16C`` for fp64), per rank,
-    independent of W. ``torch.nn.SyncBatchNorm`` all-gathers ``O(W * C)``. On CPU the arithmetic runs in syncnorm's
-    C++ kernels (four passes over the data per forward + backward; see :mod:`syncnorm._ext`), and when every rank
-    of a gloo group is on one host the two vectors travel through shared memory (see
-    :func:`syncnorm.comm.all_reduce_sum`); the results are the same either way.
+    **Cost.** Exactly one ``torch.distributed`` all-reduce in forward, of ``2C + 2`` fp64 values (``16C + 16``
+    bytes), and one in backward, of ``2C`` fp64 values (``16C`` bytes), per rank, independent of W.
+    ``torch.nn.SyncBatchNorm`` all-gathers ``O(W * C)``. The arithmetic is four passes over the data per forward +
+    backward, in the custom ops of :mod:`syncnorm.ops` (C++ kernels on CPU). Nothing is read on the host during a
+    training step; on an accelerator the checks of the collective's error flag and count surface at the next
+    synchronising layer (see :func:`syncnorm.stats.require`). ``torch.compile(fullgraph=True)`` traces the layer.
 
     **World size 1, no process group, eval mode.** No collective. Eval mode is exactly ``nn.BatchNorm`` eval
     (running statistics; without running statistics, this rank's batch statistics). World size 1 in training gives
-    ``nn.BatchNorm`` training results (to floating-point rounding) through the same fused path, which is faster than
-    the native CPU kernel.
+    ``nn.BatchNorm`` training results (to floating-point rounding) through the same path.
 
     **Precision and layout.** Statistics accumulate in fp32 (fp64 for fp64 input) even for fp16/bf16 input or under
     autocast; the output has the input's dtype and memory format (channels_last / channels_last_3d preserved).
@@ -303,36 +222,11 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
             :func:`syncnorm.comm.new_groups` for groups of k ranks.
     """
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Eval: ``nn.BatchNorm`` eval, no collective. Training: the synchronised path described above."""
-        if self.training:
-            y = self._kernel_step(input, False, 1.0, 0.0, False)
-            if y is not None:
-                return y
-        return super().forward(input)
-
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
-        name = self.layer_name
-        b = self._buffers  # plain dict reads: nn.Module.__getattr__ is slow on this hot path
-        err = check_input(input, self.num_features, name, self._min_dim, self._max_dim)
-        weight, bias = self._affine()
-        fast = _fast_ops(input, weight) if err is None else None
-        if fast is not None:  # train_step's own CPU branch, called without its keyword handling
-            y, info = _train_step_cpu(fast, input, weight, bias, b["running_mean"], b["running_var"],
-                                      b["num_batches_tracked"], self.num_features, self.eps, self.momentum,
-                                      self.process_group, name, None)
-        else:
-            y, info = train_step(
-                input, weight, bias, b["running_mean"], b["running_var"], b["num_batches_tracked"],
-                eps=self.eps, momentum=self.momentum, num_features=self.num_features,
-                process_group=self.process_group, layer_name=name, error=err,
-            )
-        self.__dict__["_last_info"] = info  # the property's storage; skips nn.Module.__setattr__ (hot path)
+        err = check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
+        y, self.last_info = train_step(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            eps=self.eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
+            layer_name=self.layer_name, error=err,
+        )
         return y
-
-    _kernel_train_forward = _train_forward
-
-
-_STANDARD_AFFINE = GlobalStatsBatchNorm._affine  # (so that a patch of the base class's _affine is seen too)
-
-

@@ -1,0 +1,292 @@
+"""The custom ops of the training step: the four passes over the data, each a ``torch.library`` custom op.
+
+=================  ==========================================  =====================================================
+op                 inputs                                      result
+=================  ==========================================  =====================================================
+``batch_stats``    ``x (N, C, *)``                             fp64 ``(2C + 2,)``: ``[n, 0, sum x, sum x^2]``, the
+                                                               vector the forward all-reduce sums (slot 1 is the
+                                                               error flag a rank with bad input sets)
+``normalize``      ``x``, ``coef (3, C) = [k, s, h]``          ``y = (x - k) * s + h`` per channel
+``backward_stats`` ``dy``, ``x``, ``center (C,) = k``          fp64 ``(2, C)``: ``[sum dy, sum dy * (x - k)]``
+``backward_input`` ``dy``, ``x``, ``coef (4, C) = [k, a, b, c]`` ``dx = dy * a + (x - k) * b + c`` per channel
+=================  ==========================================  =====================================================
+
+The per-channel constants are in the accumulation dtype (fp32 for fp16/bf16/fp32 input, fp64 for fp64 input); the
+outputs ``y`` and ``dx`` have the input's dtype and memory format. What the constants mean, and the two collectives
+between the ops, are in :mod:`syncnorm.functional` (the one autograd Function) and :mod:`syncnorm.stats`.
+
+Every op has
+- a **reference implementation** in plain torch operations (``*_reference``), which runs on any device and is the
+  maths every kernel is tested against;
+- a **CPU kernel** in C++ (``syncnorm/csrc/norm_cpu.cpp``, registered with ``TORCH_LIBRARY`` as
+  ``torch.ops.syncnorm_cpu.*``), compiled once per environment (see :func:`build_cpu_kernels`);
+- a **fake implementation**, so ``torch.compile`` traces through the ops with ``fullgraph=True``;
+- a **CUDA slot**: CUDA tensors run the reference implementation until a CUDA kernel is registered for the op
+  (``op.register_kernel("cuda", ...)``).
+
+Which implementation runs on CPU is chosen at each call: the C++ kernels while :func:`kernels_enabled` is True
+(``SYNCNORM_CPU_EXT=0`` in the environment turns them off; :func:`use_kernels` switches them for a block of code),
+the reference otherwise, or when the kernels could not be built (a warning says so once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "batch_stats",
+    "normalize",
+    "backward_stats",
+    "backward_input",
+    "batch_stats_reference",
+    "normalize_reference",
+    "backward_stats_reference",
+    "backward_input_reference",
+    "accumulation_dtype",
+    "kernels_enabled",
+    "set_kernels_enabled",
+    "use_kernels",
+    "build_cpu_kernels",
+    "cpu_kernels_available",
+    "SOURCE",
+]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "norm_cpu.cpp"
+_F64 = torch.float64
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 input, fp32 for everything else (fp16/bf16 statistics accumulate in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    # the layout the ops write their outputs in: channels_last(_3d) when x is in it, else contiguous
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _per_channel(t: Tensor, ndim: int) -> Tensor:
+    return t.view([1, -1] + [1] * (ndim - 2))
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def batch_stats_reference(x: Tensor, num_features: int) -> Tensor:
+    """Reference of :func:`batch_stats`: fp64 sums taken around each channel's first value, then made raw."""
+    out = x.new_zeros(2 + 2 * num_features, dtype=_F64)
+    if x.numel() == 0:
+        return out
+    n = x.numel() // num_features
+    xd = x.to(_F64)
+    # around the first value of each channel, so that a mean far from 0 costs no digits in the squares
+    k = xd[(0, slice(None)) + (0,) * (x.dim() - 2)]
+    centred = xd - _per_channel(k, x.dim())
+    dims = _reduce_dims(x)
+    s1, s2 = centred.sum(dims), centred.square().sum(dims)
+    out[0] = n
+    out[2:2 + num_features] = s1 + n * k
+    out[2 + num_features:] = s2 + k * (2 * s1 + n * k)
+    return out
+
+
+def normalize_reference(x: Tensor, coef: Tensor) -> Tensor:
+    """Reference of :func:`normalize`: ``(x - k) * s + h`` in the constants' dtype, cast back to x's dtype."""
+    k, s, h = (_per_channel(row, x.dim()) for row in coef.unbind(0))
+    y = (x.to(coef.dtype) - k) * s + h
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def backward_stats_reference(dy: Tensor, x: Tensor, center: Tensor) -> Tensor:
+    """Reference of :func:`backward_stats`: ``[sum dy, sum dy * (x - k)]`` per channel, summed in fp64."""
+    dims = _reduce_dims(x)
+    g = dy.to(_F64)
+    centred = x.to(center.dtype) - _per_channel(center, x.dim())
+    return torch.stack([g.sum(dims), (g * centred.to(_F64)).sum(dims)])
+
+
+def backward_input_reference(dy: Tensor, x: Tensor, coef: Tensor) -> Tensor:
+    """Reference of :func:`backward_input`: ``dy * a + (x - k) * b + c`` in the constants' dtype."""
+    k, a, b, c = (_per_channel(row, x.dim()) for row in coef.unbind(0))
+    dx = dy.to(coef.dtype) * a + (x.to(coef.dtype) - k) * b + c
+    return dx.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("syncnorm::batch_stats", mutates_args=())
+def batch_stats(x: Tensor, num_features: int) -> Tensor:
+    """This rank's contribution to the forward all-reduce: fp64 ``[n, 0, sum x, sum x^2]`` (``2C + 2`` values).
+
+    ``n`` is the number of values per channel (0 for an empty batch, whose sums are 0); slot 1 is the error flag,
+    0 here. The sums are exact enough that ``sum x^2 - (sum x)^2 / n`` keeps fp32-level accuracy for data whose mean
+    is far larger than its spread (each implementation sums around a per-channel shift)."""
+    return batch_stats_reference(x, num_features)
+
+
+@torch.library.custom_op("syncnorm::normalize", mutates_args=())
+def normalize(x: Tensor, coef: Tensor) -> Tensor:
+    """``y = (x - k) * s + h`` per channel, with ``coef = [k, s, h]`` of shape ``(3, C)`` in the accumulation
+    dtype; ``y`` has x's dtype and memory format."""
+    return normalize_reference(x, coef)
+
+
+@torch.library.custom_op("syncnorm::backward_stats", mutates_args=())
+def backward_stats(dy: Tensor, x: Tensor, center: Tensor) -> Tensor:
+    """This rank's backward sums, fp64 of shape ``(2, C)``: ``[sum dy, sum dy * (x - k)]`` with ``k = center``."""
+    return backward_stats_reference(dy, x, center)
+
+
+@torch.library.custom_op("syncnorm::backward_input", mutates_args=())
+def backward_input(dy: Tensor, x: Tensor, coef: Tensor) -> Tensor:
+    """``dx = dy * a + (x - k) * b + c`` per channel, with ``coef = [k, a, b, c]`` of shape ``(4, C)`` in the
+    accumulation dtype; ``dx`` has x's dtype and memory format."""
+    return backward_input_reference(dy, x, coef)
+
+
+@batch_stats.register_fake
+def _(x, num_features):
+    return x.new_empty(2 + 2 * num_features, dtype=_F64)
+
+
+@normalize.register_fake
+def _(x, coef):
+    return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+@backward_stats.register_fake
+def _(dy, x, center):
+    return x.new_empty((2, x.shape[1]), dtype=_F64)
+
+
+@backward_input.register_fake
+def _(dy, x, coef):
+    return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+# ----------------------------------------------------------------------------------------------- CPU kernels
+
+
+def _env_enabled() -> bool:
+    return os.environ.get("SYNCNORM_CPU_EXT", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_enabled = _env_enabled()
+_lock = threading.Lock()
+_loaded = False
+_failed: Optional[str] = None
+
+
+def kernels_enabled() -> bool:
+    """Whether CPU tensors go to the C++ kernels (when they could be built): ``SYNCNORM_CPU_EXT`` unset or not
+    ``0``/``false``/``off``/``no`` at import, unless :func:`use_kernels` says otherwise for now."""
+    return _enabled
+
+
+def set_kernels_enabled(value: Optional[bool]) -> bool:
+    """Send CPU tensors to the C++ kernels (True) or to the reference implementation (False) from now on; None goes
+    back to the ``SYNCNORM_CPU_EXT`` setting. Returns the previous value."""
+    global _enabled
+    previous, _enabled = _enabled, _env_enabled() if value is None else bool(value)
+    return previous
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, CPU tensors go to the C++ kernels (True) or to the reference implementation (False)."""
+    previous = set_kernels_enabled(enabled)
+    try:
+        yield
+    finally:
+        set_kernels_enabled(previous)
+
+
+def _build_directory() -> Path:
+    # One build per environment: the key covers the source, this torch install (its path and version) and the
+    # interpreter, so two virtualenvs never share (and never rebuild in turn) one cache entry.
+    key = hashlib.sha1(b"\0".join([
+        SOURCE.read_bytes(), torch.__version__.encode(), os.path.realpath(torch.__file__).encode(),
+        os.path.realpath(sys.prefix).encode(), sys.version.encode(),
+    ])).hexdigest()[:16]
+    root = os.environ.get("SYNCNORM_BUILD_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "syncnorm")
+    return Path(root) / f"cpu-{key}"
+
+
+def build_cpu_kernels(verbose: bool = False) -> Path:
+    """Compile (on first use in this environment) and load the C++ CPU kernels; returns their build directory.
+
+    Raises when they cannot be built (no C++ compiler, say). Idempotent; ``make`` calls it while setting up."""
+    global _loaded
+    with _lock:
+        directory = _build_directory()
+        if not _loaded:
+            directory.mkdir(parents=True, exist_ok=True)
+            log = logging.getLogger("torch.utils.cpp_extension")
+            level = log.level
+            if not verbose:  # (its warning about CUDA_HOME concerns CUDA builds; this one is CPU only)
+                log.setLevel(logging.ERROR)
+            try:
+                from torch.utils.cpp_extension import load
+
+                load(name="syncnorm_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-ffp-contract=off"],
+                     build_directory=str(directory), is_python_module=False, verbose=verbose)
+            finally:
+                log.setLevel(level)
+            _loaded = True
+    return directory
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the C++ kernels are loaded, building them on first call; False (with one warning) when they cannot
+    be built."""
+    global _failed
+    if _loaded:
+        return True
+    if _failed is not None:
+        return False
+    try:
+        build_cpu_kernels()
+        return True
+    except Exception as e:  # noqa: BLE001 - any build or load failure means: the reference implementation
+        _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        warnings.warn(f"syncnorm: the C++ CPU kernels could not be built ({_failed}); CPU tensors use the reference "
+                      "implementation, which gives the same results more slowly. Set SYNCNORM_CPU_EXT=0 to silence "
+                      "this.", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def _cpu(reference, name: str):
+    def kernel(*args):
+        if _enabled and cpu_kernels_available():
+            return getattr(torch.ops.syncnorm_cpu, name)(*args)
+        return reference(*args)
+
+    kernel.__name__ = f"{name}_cpu"
+    return kernel
+
+
+batch_stats.register_kernel("cpu")(_cpu(batch_stats_reference, "batch_stats"))
+normalize.register_kernel("cpu")(_cpu(normalize_reference, "normalize"))
+backward_stats.register_kernel("cpu")(_cpu(backward_stats_reference, "backward_stats"))
+backward_input.register_kernel("cpu")(_cpu(backward_input_reference, "backward_input"))
