@@ -9,10 +9,9 @@ glibc's malloc thresholds fixed: see :mod:`benchmarks._timing`):
 
 1. world 1: SyncBatchNorm (its whole synchronising path runs; the all-reduce is a no-op at world 1) and the
    naive autograd design against nn.BatchNorm2d;
-2. world 2 (gloo, CPU): the same, collectives included, plus SyncBatchNorm with the collective skipped and
-   SyncBatchNorm with its vectors sent through gloo instead of the same-host shared-memory channel
-   (``SYNCNORM_SHM=0``); a barrier before and after each sample aligns the ranks (its own cost is outside the
-   timed region);
+2. world 2 (gloo, CPU): the same, collectives included (``torch.distributed.all_reduce`` over gloo), plus
+   SyncBatchNorm with the collective skipped (a switch of this benchmark only); a barrier before and after each
+   sample aligns the ranks (its own cost is outside the timed region);
 3. world 2 again for the smallest shape, timed as blocks of 20 back-to-back calls (no barrier between the calls of
    a block), the way a layer runs inside a training step;
 4. bytes each rank sends per layer for W = 2..1024: syncnorm's one all-reduce per direction against torch's
@@ -74,22 +73,11 @@ def _candidates(shape, skip_collective: bool = False):
         "naive autograd SyncBN": fwd_bwd(NaiveSyncBN(C), x, g),
     }
     if skip_collective:
-        sbn = syncnorm.SyncBatchNorm(C)
-        fn = fwd_bwd(sbn, x, g)
-        # the kernels exchange their vectors over the same-host channel without calling into Python; the skip
-        # switch makes those exchanges return at once, so this times everything but the exchange. In a group
-        # without the channel (gloo), comm.all_reduce_sum itself is replaced by a no-op.
-        ops = syncnorm._ext.ops()
-        direct = ops is not None and syncnorm.comm._route(None)[1] is not None
+        fn = fwd_bwd(syncnorm.SyncBatchNorm(C), x, g)
 
         def no_collective():
-            if direct:
-                ops.set_skip_direct_rounds(True)
-                try:
-                    fn()
-                finally:
-                    ops.set_skip_direct_rounds(False)
-                return
+            # everything but the exchange: comm.all_reduce_sum (the statistics path's one collective) replaced by
+            # a no-op for this candidate only
             orig = syncnorm.comm.all_reduce_sum
             syncnorm.comm.all_reduce_sum = lambda t, group=None: t
             try:
@@ -98,23 +86,6 @@ def _candidates(shape, skip_collective: bool = False):
                 syncnorm.comm.all_reduce_sum = orig
 
         cands["SyncBatchNorm, collective skipped"] = no_collective
-
-        gbn = syncnorm.SyncBatchNorm(C)
-        gfn = fwd_bwd(gbn, x, g)
-
-        def gloo_transport():
-            # the group's route with the shared-memory channel taken away, and an empty reducer-key cache so that
-            # the key is decided again from that route: this candidate alone goes through gloo (all_reduce_sum
-            # reads _route at each call)
-            orig, keys = syncnorm.comm._route, syncnorm._ext._keys
-            syncnorm.comm._route = lambda group: (orig(group)[0], None)
-            syncnorm._ext._keys = {}
-            try:
-                gfn()
-            finally:
-                syncnorm.comm._route, syncnorm._ext._keys = orig, keys
-
-        cands["SyncBatchNorm, gloo transport"] = gloo_transport
     return cands
 
 
@@ -135,10 +106,8 @@ def _world_worker(rank: int, world: int, repeats: int) -> dict:
     vec = torch.zeros(2 * 256 + 2, dtype=torch.float64)
     import torch.distributed as dist
 
-    out["all_reduce_ms"] = time_interleaved(
-        {"shared memory": lambda: syncnorm.comm.all_reduce_sum(vec), "gloo": lambda: dist.all_reduce(vec)},
-        repeats=repeats * 5, sync=syncnorm.comm.barrier)
-    out["transport"] = "shared memory" if syncnorm.comm._same_host_channel(None) is not None else "gloo"
+    out["all_reduce_ms"] = time_interleaved({"gloo": lambda: dist.all_reduce(vec)}, repeats=repeats * 5,
+                                            sync=syncnorm.comm.barrier)
     # the smallest layer again, BACK_TO_BACK calls per sample with no barrier in between (as inside a training
     # step, where the ranks are already aligned by the previous layer's collectives): the per-call barrier above
     # leaves caches cold, which weighs most on a layer this small
@@ -172,7 +141,7 @@ def _ratio_rows(timings: dict, names: list[str]) -> list[list[object]]:
 def bytes_table(channels: int = 256) -> str:
     C = channels
     ours_fwd = (2 * C + 2) * 8  # fp64 [n, flag, S1, S2]
-    ours_bwd = 2 * C * 4  # fp32 [sum dy, sum dy*xhat]
+    ours_bwd = 2 * C * 8  # fp64 [sum dy, sum dy*xhat]
     torch_fwd = (2 * C + 1) * 4  # fp32 [mean, invstd, count] gathered from every rank
     torch_bwd = 2 * C * 4
     rows = []
@@ -215,10 +184,9 @@ def main(argv=None) -> None:
         res = run_distributed(_world_worker, 2, args.repeats, timeout=900)
         print(f"\ntorch.nn.SyncBatchNorm in a 2-rank gloo world: {res[0]['torch.nn.SyncBatchNorm']}")
         lat0, lat1 = res[0]["all_reduce_ms"], res[1]["all_reduce_ms"]
-        print(f"syncnorm's transport for the statistics vectors in this world: {res[0]['transport']}")
         print("one bare all_reduce of 514 fp64 values (the latency floor; the layer issues two per forward+backward): "
               + ", ".join(f"{k} {lat0[k]:.3f} ms (rank 1: {lat1[k]:.3f} ms)" for k in lat0))
-        names2 = names + ["SyncBatchNorm, collective skipped", "SyncBatchNorm, gloo transport"]
+        names2 = names + ["SyncBatchNorm, collective skipped"]
         print("\n## World 2 (gloo, CPU, 1 thread/rank): forward+backward, ratio to nn.BatchNorm2d on the same local "
               "shape, collectives included (rank 0; rank 1 in parentheses)\n")
         rows = []

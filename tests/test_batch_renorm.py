@@ -3,6 +3,8 @@ concatenated batch."""
 
 from __future__ import annotations
 
+import itertools
+
 import copy
 import math
 import pickle
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 import syncnorm
 from syncnorm import schedules
 from syncnorm.stats import PeerInputError
-from tests.dist.harness import CollectiveLedger, run_distributed
+from tests.dist.harness import REFERENCE_TAG, CollectiveLedger, on_both_implementations, run_distributed
 from tests.oracle import compare, grad_weights, make_batches, reference_bn
 
 C = 4
@@ -461,9 +463,9 @@ def _layout_and_error_checks(rank: int, world: int, results: dict) -> None:
 
 def _world_worker(rank: int, world: int) -> dict:
     results: dict = {}
-    _oracle_checks(rank, world, results)
+    on_both_implementations(_oracle_checks, rank, world, results, merge=False)
     _ledger_checks(rank, world, results)
-    _layout_and_error_checks(rank, world, results)
+    on_both_implementations(_layout_and_error_checks, rank, world, results, merge=False)
     return results
 
 
@@ -507,8 +509,8 @@ def test_distributed_oracle(world_results):
     failures = {}
     for sizes in CASES[world]:
         for dim_name, spatial in DIST_SHAPES.items():
-            for momentum in (0.1, None):
-                key = f"oracle{sizes}-{dim_name}-m{momentum}"
+            for momentum, tag in itertools.product((0.1, None), ("", REFERENCE_TAG)):
+                key = f"oracle{sizes}-{dim_name}-m{momentum}{tag}"
                 single, ref = _single_process(sizes, spatial, momentum)
                 errs = _rank_vs_single(results, sizes, key, single) + _mismatches(single, ref)
                 # informative: some channel clipped and some channel not, in one of the two steps
@@ -521,7 +523,7 @@ def test_distributed_oracle(world_results):
                 if errs:
                     failures[key] = errs
                 n_checks += 1
-    assert n_checks == len(CASES[world]) * len(DIST_SHAPES) * 2
+    assert n_checks == len(CASES[world]) * len(DIST_SHAPES) * 2 * 2  # C++ kernels and reference implementation
     assert any(0 in sizes for sizes in CASES[world])
     assert not failures, failures
 
@@ -544,14 +546,17 @@ def test_distributed_channels_last(world_results):
     sizes = [2 + r for r in range(world)]
     sizes[-1] = 0
     single, _ = _single_process(sizes, (4, 5), 0.1, layout=torch.channels_last)
-    errs = _rank_vs_single(results, sizes, "channels_last", single)
-    assert not errs, errs
-    assert all(r["channels_last-kept"] for r in results[:-1])
+    for tag in ("", REFERENCE_TAG):
+        errs = _rank_vs_single(results, sizes, "channels_last" + tag, single)
+        assert not errs, (tag, errs)
+        assert all(r["channels_last-kept" + tag] for r in results[:-1]), tag
 
 
 def test_distributed_errors_and_empty(world_results):
     world, results = world_results
-    peer = [r["peer-error"] for r in results]
-    assert peer[-1][0] == "own" and f"expected {C} channels in dim 1, got {C + 2}" in peer[-1][1], peer
-    assert all(p[0] == "peer" for p in peer[:-1]), peer
-    assert all(r["all-empty"] == ((0, C, 2), 0, 0.0) for r in results), [r["all-empty"] for r in results]
+    for tag in ("", REFERENCE_TAG):
+        peer = [r["peer-error" + tag] for r in results]
+        assert peer[-1][0] == "own" and f"expected {C} channels in dim 1, got {C + 2}" in peer[-1][1], peer
+        assert all(p[0] == "peer" for p in peer[:-1]), peer
+        assert all(r["all-empty" + tag] == ((0, C, 2), 0, 0.0) for r in results), [r["all-empty" + tag]
+                                                                                   for r in results]

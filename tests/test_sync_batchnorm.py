@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import syncnorm
 from syncnorm.stats import PeerInputError
-from tests.dist.harness import CollectiveLedger, run_distributed
+from tests.dist.harness import CollectiveLedger, on_both_implementations, run_distributed
 from tests.oracle import compare, grad_weights, make_batches, reference_bn
 
 C = 4
@@ -403,8 +403,8 @@ def _world_worker(rank: int, world: int) -> dict:
     finally:
         syncnorm.ops.set_kernels_enabled(previous)
     _ledger_checks(rank, world, results)
-    _layout_and_precision_checks(rank, world, results)
-    _error_checks(rank, world, results)
+    on_both_implementations(_layout_and_precision_checks, rank, world, results)
+    on_both_implementations(_error_checks, rank, world, results)
     if world == 2:
         _ddp_parity_check(rank, world, results)
     return results

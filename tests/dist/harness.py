@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "free_port", "CollectiveLedger", "RankFailure"]
+__all__ = ["run_distributed", "free_port", "CollectiveLedger", "RankFailure", "on_both_implementations"]
 
 
 class RankFailure(RuntimeError):
@@ -153,3 +153,43 @@ class CollectiveLedger:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+REFERENCE_TAG = "@reference"
+
+
+def on_both_implementations(check: Callable, rank: int, world: int, results: dict, *args: Any,
+                            merge: bool = True) -> None:
+    """Run ``check(rank, world, out, *args)`` once on syncnorm's C++ CPU kernels and once on the reference
+    implementation of its ops, in the same world. With ``merge``, ``results[key]`` gets the value both runs gave,
+    or, where they differ, a message with both (so a check whose passing value is None fails unless it passed on
+    both). Without, the kernels' results keep their keys and the reference's get ``REFERENCE_TAG`` appended (for
+    checks that return raw values the parent compares)."""
+    from syncnorm import ops
+
+    runs = []
+    for kernels in (True, False):
+        out: dict = {}
+        with ops.use_kernels(kernels):
+            check(rank, world, out, *args)
+        runs.append(out)
+    kernel, reference = runs
+    if not merge:
+        results.update(kernel)
+        results.update({key + REFERENCE_TAG: value for key, value in reference.items()})
+        return
+    for key in kernel.keys() | reference.keys():
+        a, b = kernel.get(key), reference.get(key)
+        results[key] = a if _same(a, b) else f"implementations differ: cpu-kernel gave {a!r}; reference gave {b!r}"
