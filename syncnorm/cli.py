@@ -235,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench, script_args=[])
 
     p = sub.add_parser("build-ext", help="compile the C++ CPU kernels now (else: at the first CPU training step)",
-                       description="Compile and load syncnorm's C++ CPU kernels (syncnorm/csrc/norm_cpu.cpp), cached "
-                                   "under TORCH_EXTENSIONS_DIR. Exit status 1 when they cannot be built; syncnorm then "
-                                   "uses its Python path.")
+                       description="Compile and load syncnorm's C++ CPU kernels (syncnorm/csrc/norm_cpu.cpp), once per "
+                                   "environment, under ~/.cache/syncnorm (SYNCNORM_BUILD_DIR moves it). Exit status 1 "
+                                   "when they cannot be built; CPU tensors then use the reference implementation.")
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
     p.set_defaults(func=_cmd_build_ext)
 

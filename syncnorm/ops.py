@@ -84,6 +84,15 @@ def _per_channel(t: Tensor, ndim: int) -> Tensor:
     return t.view([1, -1] + [1] * (ndim - 2))
 
 
+def _like_input(out: Tensor, x: Tensor) -> Tensor:
+    # out in x's dtype and in the layout the kernels and fake implementations give (for an empty tensor too, which
+    # .contiguous() would leave in any strides)
+    fmt = _memory_format(x)
+    if out.numel() == 0:
+        return torch.empty_like(x, memory_format=fmt)
+    return out.to(x.dtype).contiguous(memory_format=fmt)
+
+
 def _reduce_dims(x: Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
@@ -113,7 +122,7 @@ def normalize_reference(x: Tensor, coef: Tensor) -> Tensor:
     """Reference of :func:`normalize`: ``(x - k) * s + h`` in the constants' dtype, cast back to x's dtype."""
     k, s, h = (_per_channel(row, x.dim()) for row in coef.unbind(0))
     y = (x.to(coef.dtype) - k) * s + h
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return _like_input(y, x)
 
 
 def backward_stats_reference(dy: Tensor, x: Tensor, center: Tensor) -> Tensor:
@@ -128,7 +137,7 @@ def backward_input_reference(dy: Tensor, x: Tensor, coef: Tensor) -> Tensor:
     """Reference of :func:`backward_input`: ``dy * a + (x - k) * b + c`` in the constants' dtype."""
     k, a, b, c = (_per_channel(row, x.dim()) for row in coef.unbind(0))
     dx = dy.to(coef.dtype) * a + (x.to(coef.dtype) - k) * b + c
-    return dx.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return _like_input(dx, x)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops

@@ -48,8 +48,8 @@ class BatchRenorm(GlobalStatsBatchNorm):
     channel, every rank raises the same ValueError.
 
     **Cost.** The same collectives as SyncBatchNorm, no more: one all-reduce in forward of ``2C + 2`` fp64 values
-    (``16C + 16`` bytes) and one in backward of ``2C`` values in the accumulation dtype (``8C`` bytes for
-    fp32/fp16/bf16 input, ``16C`` for fp64), per rank, whatever the world size. ``r`` and ``d`` are computed on every
+    (``16C + 16`` bytes) and one in backward of ``2C`` fp64 values (``16C`` bytes), per rank, whatever the world
+    size. ``r`` and ``d`` are computed on every
     rank from the already-global moments and the (identical) running statistics, with no extra communication. While
     ``r_max = 1`` and ``d_max = 0`` the r/d arithmetic is skipped altogether (``r = 1``, ``d = 0`` exactly), so the
     warm-up phase of a schedule costs exactly what SyncBatchNorm costs.

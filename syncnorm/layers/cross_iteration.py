@@ -115,6 +115,11 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     derivatives take the module's dtype. A checkpoint without any of the history buffers (a plain BatchNorm's)
     loads, also strictly: the history starts empty and ``step`` at 0. Under DDP the (already identical) buffers are re-broadcast each step unless ``broadcast_buffers=False``.
 
+    **Host reads and torch.compile.** Unlike the other synchronising layers, a training step of this layer reads
+    its step counter, fill count and ring-buffer slot on the host (to decide burn-in, which slots to pool and where
+    to record), and it takes the conv's input from a forward hook; so it does not compile with ``fullgraph=True``
+    (it compiles with graph breaks), and on CUDA each step synchronises the host with the device.
+
     **Cost.** One all-reduce in forward of ``2C + 2`` fp64 values plus, while compensation records history,
     ``C_in * prod(kernel) + weight.numel()`` fp64 values (``8 *`` that many bytes); one in backward of ``2C``
     values, whatever the world size. Extra memory: ``window - 1`` copies of the conv weight (in its dtype) plus

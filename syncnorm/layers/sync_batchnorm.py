@@ -208,9 +208,12 @@ class SyncBatchNorm(GlobalStatsBatchNorm):
     **Errors.** A non-real ``eps`` / ``momentum``, or a ``process_group`` that is neither None nor a
     ``torch.distributed.ProcessGroup``, raises TypeError, ``eps`` not a finite number > 0 or ``momentum``
     outside [0, 1] ValueError, at construction. Input with fewer than 2 dims, a wrong channel count or a
-    non-floating dtype raises ValueError / TypeError naming the layer, the expected and the actual value. In training the offending rank still joins the
-    forward collective with an error flag, so every other rank raises :class:`syncnorm.stats.PeerInputError`
-    instead of hanging.
+    non-floating dtype raises ValueError / TypeError naming the layer, the expected and the actual value. In
+    training the offending rank still joins the forward collective with an error flag, then raises; every other rank
+    raises :class:`syncnorm.stats.PeerInputError` instead of hanging: at once on CPU, and on CUDA (where the step
+    reads nothing on the host) at the latest in the next synchronising layer's forward or backward (see
+    :func:`syncnorm.stats.require`). Under ``torch.compile`` an input of invalid shape or type is found while that
+    rank traces, before any collective, so its peers wait for the process group's timeout.
 
     Args:
         num_features: C, the number of channels (dim 1 of the input).
