@@ -21,12 +21,12 @@ converted with ``syncnorm.convert`` to SyncBatchNorm, CrossIterationBatchNorm(wi
 conv that feeds it, compensation on) or CrossMiniBatchNorm(accumulation_steps=4):
 
 * **step time**: one full training step (zero_grad, forward, cross-entropy, backward with DDP's gradient
-  all-reduce, SGD with momentum), ``DistributedDataParallel(broadcast_buffers=False)``. Median over interleaved
+  all-reduce, SGD with momentum), ``DistributedDataParallel(forward_sync_buffers=False)``. Median over interleaved
   repeats (A, B, C, A, B, C, ...) after 3 warm-up steps each, with a barrier before and after each timed step;
   the reported time is rank 0's wall time. The timing world runs with glibc's default allocator settings, as
   training does. The process CPU time of rank 0 over the same steps (all its threads,
   gloo's included) is reported too: on a loaded machine it excludes the time spent waiting for a core, but it also
-  excludes time blocked in collectives. With DDP's default ``broadcast_buffers=True`` every buffer (CBN's history
+  excludes time blocked in collectives. With DDP's default buffer sync every buffer (CBN's history
   included) would also be broadcast each step; syncnorm layers keep identical buffers on every rank, so the
   broadcast is not needed.
 * **peak memory**: the peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs) of rank 0 while
@@ -51,6 +51,7 @@ import argparse
 import ctypes
 import datetime
 import gc
+import inspect
 import os
 import shlex
 import statistics
@@ -157,10 +158,11 @@ def _build(model_name: str, target: str, kwargs: dict):
         if "compensation" in str(w.message):  # an unpaired CBN layer would make the CBN numbers meaningless
             raise RuntimeError(f"bench_cross_iteration: {model_name}: {w.message}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    with warnings.catch_warnings():
-        # torch's deprecation notice for broadcast_buffers; its replacement syncs buffers at init, which this
-        # benchmark does not want to depend on
-        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+    # no buffer broadcast at each forward: syncnorm's layers keep identical buffers on every rank
+    # (forward_sync_buffers replaces broadcast_buffers, deprecated since torch 2.13)
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        ddp = DistributedDataParallel(model, forward_sync_buffers=False)
+    else:
         ddp = DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     return ddp, opt
