@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.syncnorm-installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test bench lint venv clean
+.PHONY: demo test bench lint venv clean gpu-check
 
 venv: $(STAMP)
 
@@ -30,3 +30,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache
+
+# The ONE prepared command for a machine with a GPU: tests/test_cuda.py with its preinstalled $(PYTHON) (no venv, no pip,
+# no C++ build), under a timeout; `make gpu-check OUT=$OUT` also writes the log to $(OUT)/gpu_check.log.
+GPU_CHECK_TIMEOUT ?= 270
+gpu-check: SHELL := /bin/bash
+gpu-check: .SHELLFLAGS := -o pipefail -c
+gpu-check:
+	$(if $(OUT),mkdir -p "$(OUT)")
+	SYNCNORM_CPU_EXT=0 OMP_NUM_THREADS=1 timeout -k 10 $(GPU_CHECK_TIMEOUT) \
+		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee $(if $(OUT),"$(OUT)/gpu_check.log",/dev/null)

@@ -143,8 +143,12 @@ def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[tor
     - **CPU, eager:** ``value`` is read at once and the error raised here.
     - **CUDA, eager:** ``value`` is copied to pinned host memory without blocking; the copy is examined, and the
       error raised, by the first :func:`raise_pending_errors` after the device has made it: every synchronising
-      layer calls it at the start of its training forward and of its backward, so an error surfaces at most one
-      layer later (or call ``raise_pending_errors(wait=True)``, which waits for the device).
+      layer calls it at the start of its training forward and of its backward (``raise_pending_errors(wait=True)``
+      waits for the device). So a peer's invalid input raises :class:`PeerInputError` at the next synchronising
+      layer *if the device has finished the collective by the time the host gets there*. When the host runs further
+      ahead, the peers enter the next layer's collective, which the rank with the invalid input (which raised at
+      once) never joins: they then fail as for a dead peer, when that rank's process exits, or at the process
+      group's timeout. Checking earlier would need the host to wait for the device at every layer.
     - **Under torch.compile:** ``torch._assert_async(ok(value), message)``, which the compiled graph checks without
       a graph break (on CPU it raises a RuntimeError with the message; on CUDA it is a device-side assert).
     """
@@ -165,7 +169,10 @@ def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[tor
 
 def raise_pending_errors(wait: bool = False) -> None:
     """Raise the first error :func:`require` deferred on an accelerator whose value the device has produced
-    (``wait=True``: wait for all of them). Pending checks that passed are dropped. A no-op on CPU."""
+    (``wait=True``: wait for all of them). Pending checks that passed are dropped. A no-op on CPU, and while
+    torch.compile traces (the host-side queue is not part of a graph; the next eager call examines it)."""
+    if torch.compiler.is_compiling():
+        return
     while _pending:
         entry = _pending[0]
         if wait:
