@@ -233,21 +233,20 @@ void channel_moments(const Tensor& x, const Geometry& g, const double* k, double
   }
 }
 
-// Elementwise out = f(c, i) over x's layout, where f receives the channel and the flat offset.
-template <typename F>
-void for_each_channel_run(const Geometry& g, const F& f) {
+// Elementwise pass over x's layout: run(c, begin, end) for a run of flat offsets [begin, end) of channel c
+// (channels-first), or row(begin) for a row of C values at flat offset begin (channels-last). The per-channel
+// constants are read into locals before each inner loop, so the loop does not reload them from memory that the
+// output might alias, and vectorises.
+template <typename Run, typename Row>
+void for_each_run(const Geometry& g, const Run& run, const Row& row) {
   const int64_t N = g.N, C = g.C, S = g.S;
   if (g.layout == Layout::kChannelsFirst) {
     at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row) {
-        const int64_t c = row % C;
-        for (int64_t i = row * S, end = row * S + S; i < end; ++i) f(c, i);
-      }
+      for (int64_t r = b; r < e; ++r) run(r % C, r * S, r * S + S);
     });
   } else {
     at::parallel_for(0, N * S, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t row = b; row < e; ++row)
-        for (int64_t c = 0; c < C; ++c) f(c, row * C + c);
+      for (int64_t r = b; r < e; ++r) row(r * C);
     });
   }
 }
@@ -298,11 +297,22 @@ Tensor normalize(const Tensor& x_in, const Tensor& coef) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "syncnorm_normalize", [&] {
     using A = at::opmath_type<scalar_t>;
     const std::vector<A> k = row_of<A>(coef, 0, g.C), s = row_of<A>(coef, 1, g.C), h = row_of<A>(coef, 2, g.C);
-    const scalar_t* p = x.const_data_ptr<scalar_t>();
-    scalar_t* q = y.data_ptr<scalar_t>();
-    for_each_channel_run(g, [&](int64_t c, int64_t i) {
-      q[i] = static_cast<scalar_t>((static_cast<A>(p[i]) - k[c]) * s[c] + h[c]);
-    });
+    const scalar_t* __restrict__ p = x.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ q = y.data_ptr<scalar_t>();
+    const A* __restrict__ kp = k.data();
+    const A* __restrict__ sp = s.data();
+    const A* __restrict__ hp = h.data();
+    const int64_t C = g.C;
+    for_each_run(
+        g,
+        [&](int64_t c, int64_t begin, int64_t end) {
+          const A kc = kp[c], sc = sp[c], hc = hp[c];
+          for (int64_t i = begin; i < end; ++i) q[i] = static_cast<scalar_t>((static_cast<A>(p[i]) - kc) * sc + hc);
+        },
+        [&](int64_t begin) {
+          for (int64_t c = 0; c < C; ++c)
+            q[begin + c] = static_cast<scalar_t>((static_cast<A>(p[begin + c]) - kp[c]) * sp[c] + hp[c]);
+        });
   });
   return y;
 }
@@ -356,12 +366,25 @@ Tensor backward_input(const Tensor& dy_in, const Tensor& x_in, const Tensor& coe
     const int64_t C = g.C;
     const std::vector<A> k = row_of<A>(coef, 0, C), a = row_of<A>(coef, 1, C), b = row_of<A>(coef, 2, C),
                          cc = row_of<A>(coef, 3, C);
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-    scalar_t* q = dx.data_ptr<scalar_t>();
-    for_each_channel_run(g, [&](int64_t c, int64_t i) {
-      q[i] = static_cast<scalar_t>(static_cast<A>(pdy[i]) * a[c] + (static_cast<A>(px[i]) - k[c]) * b[c] + cc[c]);
-    });
+    const scalar_t* __restrict__ px = x.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict__ pdy = dy.const_data_ptr<scalar_t>();
+    scalar_t* __restrict__ q = dx.data_ptr<scalar_t>();
+    const A* __restrict__ kp = k.data();
+    const A* __restrict__ ap = a.data();
+    const A* __restrict__ bp = b.data();
+    const A* __restrict__ cp = cc.data();
+    for_each_run(
+        g,
+        [&](int64_t c, int64_t begin, int64_t end) {
+          const A kc = kp[c], ac = ap[c], bc = bp[c], c0 = cp[c];
+          for (int64_t i = begin; i < end; ++i)
+            q[i] = static_cast<scalar_t>(static_cast<A>(pdy[i]) * ac + (static_cast<A>(px[i]) - kc) * bc + c0);
+        },
+        [&](int64_t begin) {
+          for (int64_t c = 0; c < C; ++c)
+            q[begin + c] = static_cast<scalar_t>(static_cast<A>(pdy[begin + c]) * ap[c] +
+                                                 (static_cast<A>(px[begin + c]) - kp[c]) * bp[c] + cp[c]);
+        });
   });
   return dx;
 }
