@@ -20,19 +20,32 @@ Every op has
   maths every kernel is tested against;
 - a **CPU kernel** in C++ (``syncnorm/csrc/norm_cpu.cpp``, registered with ``TORCH_LIBRARY`` as
   ``torch.ops.syncnorm_cpu.*``), compiled once per environment (see :func:`build_cpu_kernels`);
-- a **fake implementation**, so ``torch.compile`` traces through the ops with ``fullgraph=True``;
-- a **CUDA slot**: CUDA tensors run the reference implementation until a CUDA kernel is registered for the op
-  (``op.register_kernel("cuda", ...)``).
+- **Triton kernels** (:mod:`syncnorm.triton_ops`, imported on first use), registered for CUDA tensors with
+  ``op.register_kernel("cuda", ...)``: CUDA tensors run them when ``triton`` can be imported, the reference
+  implementation otherwise (a warning says so once);
+- a **fake implementation**, so ``torch.compile`` traces through the ops with ``fullgraph=True``.
 
-Which implementation runs on CPU is chosen at each call: the C++ kernels while :func:`kernels_enabled` is True
-(``SYNCNORM_CPU_EXT=0`` in the environment turns them off; :func:`use_kernels` switches them for a block of code),
-the reference otherwise, or when the kernels could not be built (a warning says so once).
+Which implementation runs is chosen at each call:
+
+- **CPU tensors**: the C++ kernels while :func:`kernels_enabled` is True (``SYNCNORM_CPU_EXT=0`` in the environment
+  turns them off; :func:`use_kernels` switches them for a block of code), the reference otherwise, or when the
+  kernels could not be built (a warning says so once).
+- **CUDA tensors**: the Triton kernels, or the reference where ``triton`` does not import.
+- :func:`triton_enabled` overrides both: True sends every tensor to the Triton kernels (CPU tensors through Triton's
+  interpreter, for testing; whatever :func:`use_kernels` says), False sends none (CUDA tensors then run the
+  reference), None (the default) is the above. ``SYNCNORM_KERNELS=triton`` / ``=reference`` in the environment set
+  it to True / False at import; :func:`use_triton` switches it for a block of code.
+
+Triton decides at *decoration* time whether a kernel is compiled or interpreted: Triton kernels run on CPU tensors
+only when ``TRITON_INTERPRET=1`` was in the environment when :mod:`syncnorm.triton_ops` was first imported (it is
+imported at the first call that needs it); otherwise the first such call raises a RuntimeError that says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import sys
@@ -59,6 +72,10 @@ __all__ = [
     "use_kernels",
     "build_cpu_kernels",
     "cpu_kernels_available",
+    "triton_enabled",
+    "set_triton_enabled",
+    "use_triton",
+    "triton_available",
     "SOURCE",
 ]
 
@@ -208,7 +225,8 @@ _failed: Optional[str] = None
 
 def kernels_enabled() -> bool:
     """Whether CPU tensors go to the C++ kernels (when they could be built): ``SYNCNORM_CPU_EXT`` unset or not
-    ``0``/``false``/``off``/``no`` at import, unless :func:`use_kernels` says otherwise for now."""
+    ``0``/``false``/``off``/``no`` at import, unless :func:`use_kernels` says otherwise for now. (While
+    :func:`triton_enabled` is True, every tensor runs the Triton kernels whatever this says.)"""
     return _enabled
 
 
@@ -285,8 +303,101 @@ def cpu_kernels_available() -> bool:
         return False
 
 
+# ----------------------------------------------------------------------------------------------- Triton kernels
+
+_TRITON_SETTINGS = {"": None, "auto": None, "triton": True, "reference": False}
+
+
+def _env_triton() -> Optional[bool]:
+    value = os.environ.get("SYNCNORM_KERNELS", "").strip().lower()
+    if value not in _TRITON_SETTINGS:
+        warnings.warn(f"syncnorm: SYNCNORM_KERNELS={value!r} is not one of 'auto', 'triton', 'reference'; using "
+                      "'auto'", RuntimeWarning, stacklevel=2)
+        return None
+    return _TRITON_SETTINGS[value]
+
+
+_triton: Optional[bool] = _env_triton()
+_triton_failed: Optional[str] = None
+
+
+def triton_enabled() -> Optional[bool]:
+    """Where the Triton kernels run: True on every tensor (CPU tensors through Triton's interpreter, which needs
+    ``TRITON_INTERPRET=1``), False on none (CUDA tensors run the reference implementation), None on CUDA tensors
+    when ``triton`` can be imported. ``SYNCNORM_KERNELS=triton`` / ``reference`` / ``auto`` (or unset) at import give
+    True / False / None, unless :func:`use_triton` says otherwise for now."""
+    return _triton
+
+
+def set_triton_enabled(value: Optional[bool]) -> Optional[bool]:
+    """Send every tensor to the Triton kernels (True), none (False), or go back to the ``SYNCNORM_KERNELS`` setting
+    (None). Returns the previous value; passing it back restores it (the value None arises only from the ``auto``
+    setting, so it restores that too)."""
+    global _triton
+    previous, _triton = _triton, _env_triton() if value is None else bool(value)
+    return previous
+
+
+@contextlib.contextmanager
+def use_triton(enabled: Optional[bool]) -> Iterator[None]:
+    """Within the block, every tensor runs the Triton kernels (True), none does (False), or the ``SYNCNORM_KERNELS``
+    setting holds (None)."""
+    previous = set_triton_enabled(enabled)
+    try:
+        yield
+    finally:
+        set_triton_enabled(previous)
+
+
+def _triton_ops():
+    # imported at the first call that needs it (importing triton takes a while), and looked up in sys.modules at each
+    # call: a test may load an interpreted copy for a while (tests/test_triton.py)
+    return importlib.import_module("syncnorm.triton_ops")
+
+
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (importing :mod:`syncnorm.triton_ops` on first call)."""
+    return _triton_ops().available()
+
+
+def _triton_launcher(name: str, device_type: str):
+    """The Triton launcher of op ``name`` for a tensor on ``device_type``, or None: where the reference runs."""
+    global _triton_failed
+    if _triton is False:
+        return None
+    module = _triton_ops()
+    if not module.available():
+        if _triton:
+            raise RuntimeError(f"syncnorm: the Triton kernels are forced (SYNCNORM_KERNELS=triton or use_triton(True)) "
+                               f"but triton could not be imported ({module.import_error()})")
+        if _triton_failed is None:
+            _triton_failed = str(module.import_error())
+            warnings.warn(f"syncnorm: triton could not be imported ({_triton_failed}); CUDA tensors use the reference "
+                          "implementation, which gives the same results more slowly. Set SYNCNORM_KERNELS=reference to "
+                          "silence this.", RuntimeWarning, stacklevel=3)
+        return None
+    if device_type != "cuda" and not module.interpreted():
+        raise RuntimeError(
+            f"syncnorm: the Triton kernels are forced (SYNCNORM_KERNELS=triton or use_triton(True)) for a "
+            f"{device_type} tensor, but they run on CPU tensors only under Triton's interpreter: set "
+            "TRITON_INTERPRET=1 in the environment before syncnorm.triton_ops is imported (Triton reads it when it "
+            "decorates the kernels, so setting it later has no effect)")
+    return getattr(module, f"{name}_triton")
+
+
+def _cuda(reference, name: str):
+    def kernel(*args):
+        launcher = _triton_launcher(name, "cuda")
+        return reference(*args) if launcher is None else launcher(*args)
+
+    kernel.__name__ = f"{name}_cuda"
+    return kernel
+
+
 def _cpu(reference, name: str):
     def kernel(*args):
+        if _triton:
+            return _triton_launcher(name, "cpu")(*args)
         if _enabled and cpu_kernels_available():
             return getattr(torch.ops.syncnorm_cpu, name)(*args)
         return reference(*args)
@@ -299,3 +410,7 @@ batch_stats.register_kernel("cpu")(_cpu(batch_stats_reference, "batch_stats"))
 normalize.register_kernel("cpu")(_cpu(normalize_reference, "normalize"))
 backward_stats.register_kernel("cpu")(_cpu(backward_stats_reference, "backward_stats"))
 backward_input.register_kernel("cpu")(_cpu(backward_input_reference, "backward_input"))
+batch_stats.register_kernel("cuda")(_cuda(batch_stats_reference, "batch_stats"))
+normalize.register_kernel("cuda")(_cuda(normalize_reference, "normalize"))
+backward_stats.register_kernel("cuda")(_cuda(backward_stats_reference, "backward_stats"))
+backward_input.register_kernel("cuda")(_cuda(backward_input_reference, "backward_input"))

@@ -1,0 +1,474 @@
+"""Triton kernels of the four custom ops of :mod:`syncnorm.ops`: what CUDA tensors run when ``triton`` imports.
+
+=========================  ==============================================  ============================================
+launcher                   kernels (grid)                                  result (the op's reference semantics)
+=========================  ==============================================  ============================================
+``batch_stats_triton``     ``_batch_stats_partial`` (channel blocks,       fp64 ``(2C + 2,)``: ``[n, 0, sum x,
+                           row programs), then ``_finish_sums`` (channel   sum x^2]``, summed around each channel's
+                           blocks)                                         first value, then made raw
+``normalize_triton``       ``_normalize_kernel`` (channel blocks, row      ``y = (x - k) * s + h`` in coef's dtype, y in
+                           programs)                                       x's dtype and memory format
+``backward_stats_triton``  ``_backward_stats_partial``, then               fp64 ``(2, C)``: ``[sum dy,
+                           ``_finish_sums``                                sum dy * (x - k)]``
+``backward_input_triton``  ``_backward_input_kernel``                      ``dx = dy * a + (x - k) * b + c`` in coef's
+                                                                           dtype, dx in x's dtype and memory format
+=========================  ==============================================  ============================================
+
+**Layout.** Every kernel sees x as ``(N, C, S)`` (S: the spatial sizes multiplied) and walks it as *rows* of
+channels: element ``(o, r, c)`` is at ``o * stride_outer + r * stride_row + c * stride_c``. Two cases cover every
+layout the ops keep (anything else is made contiguous first, and dy is brought to x's memory format):
+
+- channels innermost -- ``(N, C)``, channels_last, channels_last_3d, or one value per sample and channel
+  (``S == 1``): one outer block of ``N * S`` rows, ``stride_row = C``, ``stride_c = 1``; a tile is
+  ``[BLOCK_R rows, BLOCK_C channels]`` with the channels contiguous.
+- channels outermost -- contiguous ``(N, C, L)``, NCHW, NCDHW with ``S > 1``: ``N`` outer blocks of ``S`` rows,
+  ``stride_row = 1``, ``stride_c = S``; a tile is a ``BLOCK_R``-long contiguous run of each of ``BLOCK_C``
+  channels of one sample. (A tile never straddles two samples, so no per-element division by S is needed.)
+
+The block sizes are powers of two derived from the shape only (about ``_TILE`` elements a tile), and Triton
+specialises the strides equal to 1, so it knows which axis is contiguous and vectorises the loads along it.
+
+**Grid.** ``(channel blocks, row programs)``; each program loops over the row tiles ``t = pid, pid + P, ...`` of its
+channel block, so it reads its per-channel constants (shift, ``k, s, h`` ...) once. ``P`` (row programs) is chosen
+from the shape alone: enough programs to fill a large GPU (about ``_TARGET_PROGRAMS`` in all), at most
+``_MAX_TILES_PER_PROGRAM`` tiles each.
+
+**Reductions** (``batch_stats``, ``backward_stats``) are split: each program keeps a ``[BLOCK_R, BLOCK_C]``
+accumulator in the accumulation dtype (fp32 for fp16/bf16/fp32 input, fp64 for fp64), reduces it over the rows once
+at the end, and writes its per-channel partial sums as fp64 to a ``(P, 2, C)`` workspace; a second small kernel
+(``_finish_sums``) adds the ``P`` partials of each channel in fp64, in a fixed order. Partials + a second pass rather
+than ``tl.atomic_add`` into the fp64 output: the result is then bitwise reproducible from run to run (fp64 atomics
+add in whatever order the programs finish), and the workspace is small (``P * 2C`` doubles, at most a few MB). The
+cost is one extra launch of a tiny kernel.
+
+**No host synchronisation**: the launchers read shapes, strides and dtypes only (never a tensor's values), allocate
+their outputs and launch; they run in the current CUDA stream of x's device.
+
+Without an importable ``triton`` this module still imports: :func:`available` is False and the launchers raise.
+
+**CPU tensors** run the kernels only under Triton's interpreter, and Triton chooses compiled or interpreted when it
+*decorates* a function with ``@triton.jit`` (``triton.knobs.runtime.interpret``, read from ``TRITON_INTERPRET``):
+``TRITON_INTERPRET=1`` must be in the environment when this module is first imported; setting it later changes nothing
+for kernels already decorated. :func:`interpreted` says which happened. The kernels call triton.language builtins only
+(see ``_sum_combine``), so it does not matter whether triton itself was imported before or after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .ops import _memory_format, accumulation_dtype
+
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: str | None = None
+except Exception as e:  # noqa: BLE001 - any failure to import triton means: no Triton kernels
+    triton = tl = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+__all__ = [
+    "available",
+    "import_error",
+    "interpreted",
+    "batch_stats_triton",
+    "normalize_triton",
+    "backward_stats_triton",
+    "backward_input_triton",
+]
+
+_F64 = torch.float64
+# what the environment said when this module was imported (the kernels were decorated then)
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+# elements of one tile (a [BLOCK_R, BLOCK_C] block): 16 per thread with the default 4 warps, enough loads in flight
+_TILE = 2048
+# longest contiguous run of one channel a tile takes in the channels-outermost layout
+_MAX_BLOCK_R = 1024
+# widest channel block in the channels-innermost layout (128 fp32 channels: a 512-byte contiguous row segment)
+_MAX_BLOCK_C = 128
+# about 16 programs of 4 warps per SM on a 132-SM H200; a reduction writes one partial per row program
+_TARGET_PROGRAMS = 2048
+# tiles one program accumulates at most before more programs are used (bounds the fp32 run in each lane)
+_MAX_TILES_PER_PROGRAM = 64
+# the grid's second axis (row programs) is limited to 65535 on CUDA (the first, channel blocks, to 2**31 - 1)
+_MAX_ROW_PROGRAMS = 65535
+# tile of the second pass over the partials
+_FINISH_BLOCK_P = 64
+_FINISH_BLOCK_C = 32
+
+
+def available() -> bool:
+    """Whether ``triton`` could be imported (the launchers need it)."""
+    return triton is not None
+
+
+def import_error() -> str | None:
+    """Why ``triton`` could not be imported, or None."""
+    return _IMPORT_ERROR
+
+
+def _jit(fn):
+    # triton.jit where triton imports; the plain function otherwise, so that this module always imports
+    return fn if triton is None else triton.jit(fn)
+
+
+@_jit
+def _add(a, b):
+    return a + b
+
+
+# The kernels call triton.language *builtins* only (tl.full, tl.reduce, ...), never its @triton.jit helpers such as
+# tl.sum or tl.zeros: those are decorated when triton is imported, and an interpreted kernel cannot call a compiled
+# helper. So whether the kernels are interpreted depends on TRITON_INTERPRET at the import of this module alone, not
+# on when triton was imported. Sums are tl.reduce with the combiner tl.sum itself uses (the interpreter recognises it
+# and sums with numpy; with any other combiner it loops over the elements in Python); the same code compiled.
+_sum_combine = getattr(getattr(tl, "standard", None), "_sum_combine", _add)
+
+
+# --------------------------------------------------------------------------------------------------------- kernels
+
+
+@_jit
+def _tile(t, tiles_per_outer, rows, stride_outer, stride_row, BLOCK_R: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets (without the channel part) and mask of the rows of tile ``t``: ``BLOCK_R`` consecutive rows of one
+    outer block (one sample in the channels-outermost layout, the whole batch in the channels-innermost one)."""
+    outer = t // tiles_per_outer  # one scalar division per tile, none per element
+    block = t - outer * tiles_per_outer
+    if WIDE:  # 2**31 elements or more: offsets in int64
+        outer = outer.to(tl.int64)
+        block = block.to(tl.int64)
+    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    return outer * stride_outer + r * stride_row, r < rows
+
+
+@_jit
+def _upcast(v, ACC: tl.constexpr):
+    """v in ACC; fp16 / bf16 go through fp32 (exact), which is also the only conversion of bf16 that Triton's
+    interpreter implements."""
+    if v.dtype != tl.float64:
+        v = v.to(tl.float32)
+    return v.to(ACC)
+
+
+@_jit
+def _downcast(v, OUT: tl.constexpr):
+    """v in the output dtype OUT; to fp16 / bf16 through fp32 (a single rounding when v is fp32, as it is for
+    fp16 / bf16 input, whose constants are fp32)."""
+    if OUT != tl.float64:
+        v = v.to(tl.float32)
+    return v.to(OUT)
+
+
+@_jit
+def _batch_stats_partial(x_ptr, part_ptr, C, rows, tiles_per_outer, num_tiles, stride_outer, stride_row, stride_c,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr):
+    """Partial shifted sums of one (channel block, row program): ``part[p, 0, c] = sum (x - k_c)``,
+    ``part[p, 1, c] = sum (x - k_c)^2`` over the program's tiles, with ``k_c = x[0, c, 0]`` (the channel's first
+    value, the same shift in every program: a mean far from 0 then costs no digits in the squares)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    col_off = cols.to(tl.int64) * stride_c if WIDE else cols * stride_c
+    shift = _upcast(tl.load(x_ptr + col_off, mask=cmask, other=0.0), ACC)  # x[0, c, 0], read once per program
+    s1 = tl.full([BLOCK_R, BLOCK_C], 0, ACC)
+    s2 = tl.full([BLOCK_R, BLOCK_C], 0, ACC)
+    for t in range(pid_r, num_tiles, tl.num_programs(1)):
+        row_off, rmask = _tile(t, tiles_per_outer, rows, stride_outer, stride_row, BLOCK_R, WIDE)
+        mask = rmask[:, None] & cmask[None, :]
+        v = _upcast(tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0.0), ACC)
+        d = tl.where(mask, v - shift[None, :], 0.0)  # masked lanes would add -k
+        s1 += d
+        s2 += d * d
+    # one reduction over the rows per program, then fp64 from here on
+    base = part_ptr + pid_r.to(tl.int64) * 2 * C + cols
+    tl.store(base, tl.reduce(s1, 0, _sum_combine).to(tl.float64), mask=cmask)
+    tl.store(base + C, tl.reduce(s2, 0, _sum_combine).to(tl.float64), mask=cmask)
+
+
+@_jit
+def _backward_stats_partial(dy_ptr, x_ptr, center_ptr, part_ptr, C, rows, tiles_per_outer, num_tiles, stride_outer,
+                            stride_row, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+                            WIDE: tl.constexpr):
+    """Partial sums of one (channel block, row program): ``part[p, 0, c] = sum dy``,
+    ``part[p, 1, c] = sum dy * (x - k_c)`` (dy has x's layout)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    col_off = cols.to(tl.int64) * stride_c if WIDE else cols * stride_c
+    k = _upcast(tl.load(center_ptr + cols, mask=cmask, other=0.0), ACC)
+    sg = tl.full([BLOCK_R, BLOCK_C], 0, ACC)
+    sgx = tl.full([BLOCK_R, BLOCK_C], 0, ACC)
+    for t in range(pid_r, num_tiles, tl.num_programs(1)):
+        row_off, rmask = _tile(t, tiles_per_outer, rows, stride_outer, stride_row, BLOCK_R, WIDE)
+        mask = rmask[:, None] & cmask[None, :]
+        off = row_off[:, None] + col_off[None, :]
+        g = _upcast(tl.load(dy_ptr + off, mask=mask, other=0.0), ACC)
+        xc = _upcast(tl.load(x_ptr + off, mask=mask, other=0.0), ACC) - k[None, :]
+        sg += g
+        sgx += tl.where(mask, g * xc, 0.0)  # (0 * (0 - k) would be NaN for an infinite k)
+    base = part_ptr + pid_r.to(tl.int64) * 2 * C + cols
+    tl.store(base, tl.reduce(sg, 0, _sum_combine).to(tl.float64), mask=cmask)
+    tl.store(base + C, tl.reduce(sgx, 0, _sum_combine).to(tl.float64), mask=cmask)
+
+
+@_jit
+def _finish_sums(part_ptr, x_ptr, out_ptr, C, programs, count, stride_c, SHIFTED: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Second pass: the fp64 sums of the ``programs`` partials of each channel, added in a fixed order.
+
+    ``SHIFTED`` (batch_stats): the partials are sums of ``x - k`` and ``(x - k)^2`` around ``k = x[0, c, 0]``; they
+    are made raw (``sum x = s1 + n k``, ``sum x^2 = s2 + k (2 s1 + n k)``) and written after ``[n, 0]``. Otherwise
+    (backward_stats) they are written as they are, as the ``(2, C)`` output."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    a1 = tl.full([BLOCK_P, BLOCK_C], 0, tl.float64)
+    a2 = tl.full([BLOCK_P, BLOCK_C], 0, tl.float64)
+    for p0 in range(0, programs, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < programs)[:, None] & cmask[None, :]
+        ptr = part_ptr + p[:, None].to(tl.int64) * 2 * C + cols[None, :]
+        a1 += tl.load(ptr, mask=mask, other=0.0)
+        a2 += tl.load(ptr + C, mask=mask, other=0.0)
+    s1 = tl.reduce(a1, 0, _sum_combine)
+    s2 = tl.reduce(a2, 0, _sum_combine)
+    if SHIFTED:
+        k = _upcast(tl.load(x_ptr + cols.to(tl.int64) * stride_c, mask=cmask, other=0.0), tl.float64)
+        n = tl.cast(count, tl.float64)  # (a count of 1 arrives as a constexpr: Triton specialises ints equal to 1)
+        sum_x = s1 + n * k
+        sum_x2 = s2 + k * (2.0 * s1 + n * k)
+        tl.store(out_ptr + 2 + cols, sum_x, mask=cmask)
+        tl.store(out_ptr + 2 + C + cols, sum_x2, mask=cmask)
+        if pid == 0:
+            tl.store(out_ptr, n)
+            tl.store(out_ptr + 1, 0.0)  # the error flag: this rank's input is fine
+    else:
+        tl.store(out_ptr + cols, s1, mask=cmask)
+        tl.store(out_ptr + C + cols, s2, mask=cmask)
+
+
+@_jit
+def _normalize_kernel(x_ptr, coef_ptr, y_ptr, C, rows, tiles_per_outer, num_tiles, stride_outer, stride_row,
+                      stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """``y = (x - k) * s + h`` in coef's dtype, stored in y's dtype (y has x's layout)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    col_off = cols.to(tl.int64) * stride_c if WIDE else cols * stride_c
+    # the per-channel constants, once per program (coef is (3, C) contiguous, in the compute dtype)
+    k = tl.load(coef_ptr + cols, mask=cmask, other=0.0)[None, :]
+    s = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)[None, :]
+    h = tl.load(coef_ptr + 2 * C + cols, mask=cmask, other=0.0)[None, :]
+    for t in range(pid_r, num_tiles, tl.num_programs(1)):
+        row_off, rmask = _tile(t, tiles_per_outer, rows, stride_outer, stride_row, BLOCK_R, WIDE)
+        mask = rmask[:, None] & cmask[None, :]
+        off = row_off[:, None] + col_off[None, :]
+        v = _upcast(tl.load(x_ptr + off, mask=mask, other=0.0), k.dtype)
+        y = (v - k) * s + h
+        tl.store(y_ptr + off, _downcast(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _backward_input_kernel(dy_ptr, x_ptr, coef_ptr, dx_ptr, C, rows, tiles_per_outer, num_tiles, stride_outer,
+                           stride_row, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """``dx = dy * a + (x - k) * b + c`` in coef's dtype, stored in dx's dtype (dy and dx have x's layout)."""
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    col_off = cols.to(tl.int64) * stride_c if WIDE else cols * stride_c
+    k = tl.load(coef_ptr + cols, mask=cmask, other=0.0)[None, :]
+    a = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)[None, :]
+    b = tl.load(coef_ptr + 2 * C + cols, mask=cmask, other=0.0)[None, :]
+    c = tl.load(coef_ptr + 3 * C + cols, mask=cmask, other=0.0)[None, :]
+    for t in range(pid_r, num_tiles, tl.num_programs(1)):
+        row_off, rmask = _tile(t, tiles_per_outer, rows, stride_outer, stride_row, BLOCK_R, WIDE)
+        mask = rmask[:, None] & cmask[None, :]
+        off = row_off[:, None] + col_off[None, :]
+        g = _upcast(tl.load(dy_ptr + off, mask=mask, other=0.0), k.dtype)
+        v = _upcast(tl.load(x_ptr + off, mask=mask, other=0.0), k.dtype)
+        dx = g * a + (v - k) * b + c
+        tl.store(dx_ptr + off, _downcast(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------------- launchers
+
+
+class _Plan(NamedTuple):
+    """How a kernel walks x: geometry (see the module docstring), block sizes and grid."""
+
+    rows: int  # rows per outer block
+    tiles_per_outer: int
+    num_tiles: int
+    stride_outer: int
+    stride_row: int
+    stride_c: int
+    block_r: int
+    block_c: int
+    channel_blocks: int
+    programs: int  # row programs per channel block
+    wide: bool
+
+    def geometry(self) -> tuple:
+        return (self.rows, self.tiles_per_outer, self.num_tiles, self.stride_outer, self.stride_row, self.stride_c)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.channel_blocks, self.programs)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _plan(x: Tensor, fmt: torch.memory_format) -> _Plan:
+    """The plan for a non-empty x that is contiguous in ``fmt`` (strides are derived from the shape: a size-1 dim
+    may have any stride in a contiguous tensor)."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    if fmt == torch.contiguous_format and s > 1:
+        # channels outermost: each (sample, channel) is a contiguous run of s values
+        outer, rows, stride_outer, stride_row, stride_c = n, s, c * s, 1, s
+        block_r = min(_pow2(rows), _MAX_BLOCK_R)
+        block_c = min(_pow2(c), max(1, _TILE // block_r))
+    else:
+        # channels innermost: (N, C), channels_last(_3d), or s == 1 -- row r = n * s + spatial index, C apart
+        outer, rows, stride_outer, stride_row, stride_c = 1, n * s, 0, c, 1
+        block_c = min(_pow2(c), _MAX_BLOCK_C)
+        block_r = min(_pow2(rows), max(1, _TILE // block_c))
+    tiles_per_outer = _cdiv(rows, block_r)
+    num_tiles = outer * tiles_per_outer
+    channel_blocks = _cdiv(c, block_c)
+    programs = max(_cdiv(_TARGET_PROGRAMS, channel_blocks), _cdiv(num_tiles, _MAX_TILES_PER_PROGRAM))
+    programs = max(1, min(programs, num_tiles, _MAX_ROW_PROGRAMS))
+    return _Plan(rows, tiles_per_outer, num_tiles, stride_outer, stride_row, stride_c, block_r, block_c,
+                 channel_blocks, programs, wide=x.numel() >= 2**31)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    table = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+    if dtype not in table:
+        raise TypeError(f"syncnorm Triton kernels: expected float16, bfloat16, float32 or float64, got {dtype}")
+    return table[dtype]
+
+
+def _require(x: Tensor, what: str) -> None:
+    if triton is None:
+        raise RuntimeError(f"syncnorm.triton_ops.{what}: triton could not be imported ({_IMPORT_ERROR})")
+    if x.dim() < 2:
+        raise ValueError(f"syncnorm.triton_ops.{what}: expected an (N, C, *) input, got shape {tuple(x.shape)}")
+
+
+def _in_layout(x: Tensor) -> tuple[Tensor, torch.memory_format]:
+    """x in the layout the kernels walk (itself when it already is), and that memory format."""
+    fmt = _memory_format(x)
+    return (x if x.is_contiguous(memory_format=fmt) else x.contiguous(memory_format=fmt)), fmt
+
+
+def _on_device(x: Tensor):
+    # Triton launches on the current CUDA device and its current stream: make that x's device
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _finish(part: Tensor, x: Tensor, out: Tensor, plan: _Plan, count: int, shifted: bool) -> None:
+    c = x.shape[1]
+    _finish_sums[(_cdiv(c, _FINISH_BLOCK_C),)](
+        part, x, out, c, plan.programs, count, plan.stride_c, SHIFTED=shifted, BLOCK_P=_FINISH_BLOCK_P,
+        BLOCK_C=_FINISH_BLOCK_C)
+
+
+def batch_stats_triton(x: Tensor, num_features: int) -> Tensor:
+    """Triton :func:`syncnorm.ops.batch_stats`: fp64 ``[n, 0, sum x, sum x^2]`` (``2C + 2`` values)."""
+    _require(x, "batch_stats_triton")
+    if x.numel() == 0:
+        return torch.zeros(2 + 2 * num_features, dtype=_F64, device=x.device)
+    if x.shape[1] != num_features:
+        raise ValueError(f"syncnorm.triton_ops.batch_stats_triton: expected {num_features} channels in dim 1, got "
+                         f"shape {tuple(x.shape)}")
+    x, fmt = _in_layout(x)
+    plan = _plan(x, fmt)
+    c = num_features
+    part = torch.empty((plan.programs, 2, c), dtype=_F64, device=x.device)  # every entry is written
+    out = torch.empty(2 + 2 * c, dtype=_F64, device=x.device)
+    with _on_device(x):
+        _batch_stats_partial[plan.grid](
+            x, part, c, *plan.geometry(), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            ACC=_tl_dtype(accumulation_dtype(x.dtype)), WIDE=plan.wide)
+        _finish(part, x, out, plan, x.numel() // c, shifted=True)
+    return out
+
+
+def backward_stats_triton(dy: Tensor, x: Tensor, center: Tensor) -> Tensor:
+    """Triton :func:`syncnorm.ops.backward_stats`: fp64 ``(2, C)`` = ``[sum dy, sum dy * (x - center)]``."""
+    _require(x, "backward_stats_triton")
+    c = x.shape[1]
+    if x.numel() == 0:
+        return torch.zeros((2, c), dtype=_F64, device=x.device)
+    x, fmt = _in_layout(x)
+    dy = dy.contiguous(memory_format=fmt)
+    plan = _plan(x, fmt)
+    # x - k and the products in the wider of center's dtype and x's accumulation dtype (the layers pass the centre in
+    # the accumulation dtype, so that is just the accumulation dtype)
+    acc = torch.promote_types(accumulation_dtype(x.dtype), center.dtype)
+    part = torch.empty((plan.programs, 2, c), dtype=_F64, device=x.device)
+    out = torch.empty((2, c), dtype=_F64, device=x.device)
+    with _on_device(x):
+        _backward_stats_partial[plan.grid](
+            dy, x, center.contiguous(), part, c, *plan.geometry(), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            ACC=_tl_dtype(acc), WIDE=plan.wide)
+        _finish(part, x, out, plan, 0, shifted=False)
+    return out
+
+
+def _elementwise(kernel, tensors: tuple[Tensor, ...], x: Tensor, coef: Tensor, what: str) -> Tensor:
+    """Run ``kernel(*tensors_in_x_layout, x, coef, out, ...)``: the output in x's dtype and memory format."""
+    _require(x, what)
+    out = torch.empty_like(x, memory_format=_memory_format(x))
+    if x.numel() == 0:
+        return out
+    x, fmt = _in_layout(x)
+    tensors = tuple(t.contiguous(memory_format=fmt) for t in tensors)
+    plan = _plan(x, fmt)
+    _tl_dtype(coef.dtype)  # (the compute dtype: a float type)
+    with _on_device(x):
+        kernel[plan.grid](*tensors, x, coef.contiguous(), out, x.shape[1], *plan.geometry(), BLOCK_R=plan.block_r,
+                          BLOCK_C=plan.block_c, WIDE=plan.wide)
+    return out
+
+
+def normalize_triton(x: Tensor, coef: Tensor) -> Tensor:
+    """Triton :func:`syncnorm.ops.normalize`: ``y = (x - k) * s + h`` with ``coef = [k, s, h]`` of shape (3, C)."""
+    return _elementwise(_normalize_kernel, (), x, coef, "normalize_triton")
+
+
+def backward_input_triton(dy: Tensor, x: Tensor, coef: Tensor) -> Tensor:
+    """Triton :func:`syncnorm.ops.backward_input`: ``dx = dy * a + (x - k) * b + c`` with ``coef = [k, a, b, c]``."""
+    return _elementwise(_backward_input_kernel, (dy,), x, coef, "backward_input_triton")
+
+
+def interpreted() -> bool:
+    """Whether the kernels were decorated under Triton's interpreter (``TRITON_INTERPRET=1`` when this module was
+    imported): only then do they run on CPU tensors."""
+    if triton is None:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # another layout of triton's internals: what the environment said at import
+        return _INTERPRET_AT_IMPORT
+    return isinstance(_normalize_kernel, InterpretedFunction)
+
