@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.syncnorm-installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test bench lint venv clean gpu-check
+.PHONY: demo test bench lint venv clean gpu-check gpu-bench
 
 venv: $(STAMP)
 
@@ -40,3 +40,11 @@ gpu-check:
 	$(if $(OUT),mkdir -p "$(OUT)")
 	SYNCNORM_CPU_EXT=0 OMP_NUM_THREADS=1 timeout -k 10 $(GPU_CHECK_TIMEOUT) \
 		$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee $(if $(OUT),"$(OUT)/gpu_check.log",/dev/null)
+
+# The GPU benchmark (benchmarks/bench_gpu.py: per-layer and training-step ratio tables, host syncs, compile) with the
+# preinstalled $(PYTHON), under a time budget of 220 s; `make gpu-bench OUT=$OUT` writes $(OUT)/bench_gpu.md.
+GPU_BENCH_TIMEOUT ?= 280
+gpu-bench:
+	$(if $(OUT),mkdir -p "$(OUT)")
+	OMP_NUM_THREADS=1 timeout -k 10 $(GPU_BENCH_TIMEOUT) $(PYTHON) -m benchmarks.bench_gpu --budget-s 220 \
+		$(if $(OUT),--out "$(OUT)/bench_gpu.md")
