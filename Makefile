@@ -33,7 +33,7 @@ clean:
 
 # The ONE prepared command for a machine with a GPU: tests/test_cuda.py with its preinstalled $(PYTHON) (no venv, no pip,
 # no C++ build), under a timeout; `make gpu-check OUT=$OUT` also writes the log to $(OUT)/gpu_check.log.
-GPU_CHECK_TIMEOUT ?= 270
+GPU_CHECK_TIMEOUT ?= 300
 gpu-check: SHELL := /bin/bash
 gpu-check: .SHELLFLAGS := -o pipefail -c
 gpu-check:

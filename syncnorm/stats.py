@@ -39,6 +39,7 @@ __all__ = [
     "raise_pending_errors",
     "all_reduce_moments",
     "merge_all",
+    "capturing",
 ]
 
 _STATS_DTYPE = torch.float64  # dtype of the packed vector and of the global moments
@@ -135,6 +136,12 @@ class _Pending(NamedTuple):
 _pending: "deque[_Pending]" = deque()
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (then no event may be queried and no host value
+    awaited); False when CUDA was never initialised."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[torch.Tensor], torch.Tensor],
             error: Callable[[Optional[float]], BaseException]) -> None:
     """Raise ``error(v)`` where the 0-d tensor ``value`` holds a bad ``v`` (``bad(v)``; ``ok(value)`` is the same
@@ -149,10 +156,11 @@ def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[tor
       ahead, the peers enter the next layer's collective, which the rank with the invalid input (which raised at
       once) never joins: they then fail as for a dead peer, when that rank's process exits, or at the process
       group's timeout. Checking earlier would need the host to wait for the device at every layer.
-    - **Under torch.compile:** ``torch._assert_async(ok(value), message)``, which the compiled graph checks without
-      a graph break (on CPU it raises a RuntimeError with the message; on CUDA it is a device-side assert).
+    - **Under torch.compile, and while a CUDA graph is being captured:** ``torch._assert_async(ok(value), message)``,
+      which the compiled graph checks without a graph break and a captured graph replays (on CPU it raises a
+      RuntimeError with the message; on CUDA it is a device-side assert, which stops the process).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or capturing():
         torch._assert_async(ok(value), str(error(None)))
         return
     if value.device.type == "cuda":
@@ -170,8 +178,9 @@ def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[tor
 def raise_pending_errors(wait: bool = False) -> None:
     """Raise the first error :func:`require` deferred on an accelerator whose value the device has produced
     (``wait=True``: wait for all of them). Pending checks that passed are dropped. A no-op on CPU, and while
-    torch.compile traces (the host-side queue is not part of a graph; the next eager call examines it)."""
-    if torch.compiler.is_compiling():
+    torch.compile traces or a CUDA graph is captured (the host-side queue is not part of a graph; the next eager call
+    examines it)."""
+    if torch.compiler.is_compiling() or capturing():
         return
     while _pending:
         entry = _pending[0]

@@ -22,8 +22,9 @@ same per-rank batches (uneven: 2 and 3 samples). The checks:
   two of 2C, as the eager twin does, while the eager path (``torch.distributed.all_reduce``) is never called by the
   compiled model: the collectives run from the compiled graphs.
 
-"cross_iteration" is not tested here: it does not compile with ``fullgraph=True`` (its history bookkeeping reads step
-counters on the host and it captures the conv input with a forward hook, see the README).
+"cross_iteration" (window 2, burn_in 2) also checks that the compiled history equals eager's: a compiled step keeps no
+host copy of the step counter, so it always sends the weight-gradient statistics and the device decides what is
+recorded (the eager twin skips them in step 1, before recording starts), with the same state after every step.
 
 Everything runs in one spawned world (spawning costs ~7 s): the worker returns per-case results and the test
 functions assert on them. On 2 cores the world takes about 75 s with a warm inductor cache and about 2 min with a cold
@@ -54,11 +55,15 @@ TARGETS = {
     "sync": {},
     "renorm": {"r_max": 3.0, "d_max": 5.0},
     "cross_minibatch": {"accumulation_steps": 2},
+    # window 2, burn_in 2: step 1 records nothing, step 2 records, step 3 normalises with the compensated history
+    "cross_iteration": {"window": 2, "burn_in": 2},
 }
 BACKENDS = ("aot_eager", "inductor")
 CASES = [(t, b) for t in TARGETS for b in BACKENDS]
 BN_LAYERS = (1, 4)  # indices of the norm layers in the Sequential
 FWD_NUMEL, BWD_NUMEL = 2 * C + 2, 2 * C  # per-layer all-reduce sizes (fp64 values)
+# CBN's forward payload: the conv's weight-gradient statistics, (groups + C) * C_in * 3 * 3 values per layer
+CBN_EXTRA = [(1 + C) * c_in * 9 for c_in in (C_IN, C)]
 TIMEOUT = 600
 
 
@@ -223,6 +228,10 @@ def _case(rank: int, target: str, backend: str, ref: dict) -> dict:
                 out["renorm_active"] = bool((info.r != 1).any() or (info.d != 0).any())
     out["state_keys"] = sorted(model.state_dict())
     out["num_batches_tracked"] = [int(model[i].num_batches_tracked) for i in BN_LAYERS]
+    if target == "cross_iteration":
+        # what the history holds after the 3 steps: step 2 recorded (count = the global batch), compensably
+        out["history"] = [(model[i].history_count.tolist(), model[i].history_compensable.tolist(),
+                           int(model[i].history_filled)) for i in BN_LAYERS]
     out["match_errors"], out["reference_errors"] = match, reference
     out["counters"] = {k: dict(counters[k]) for k in ("graph_break", "recompiles", "stats", "aot_autograd", "inductor")}
     return out
@@ -304,12 +313,19 @@ def test_compiled_training_matches_eager(compile_results, target, backend):
         assert r["num_batches_tracked"] == [STEPS, STEPS]
         if target == "renorm":
             assert r["renorm_active"], f"rank {rank}: r = 1 and d = 0 at step 1; the renorm case tests nothing"
+        if target == "cross_iteration":
+            # step 1 (before burn_in - (window - 1)) recorded nothing, step 2 filled the one slot (with the global
+            # count), step 3 replaced it: the compiled model's history equals the eager one (checked above)
+            n = float(sum(SIZES) * HW[0] * HW[1])
+            assert r["history"] == [([n], [True], 1)] * 2, f"rank {rank}: history {r['history']}"
 
 
 @pytest.mark.timeout(TIMEOUT)
 @case_params
 def test_compiled_model_synchronises(compile_results, target, backend):
     fwd = [("gloo:all_reduce", [[FWD_NUMEL]])] * 2
+    if target == "cross_iteration":
+        fwd = [("gloo:all_reduce", [[FWD_NUMEL + extra]]) for extra in CBN_EXTRA]
     bwd = [("gloo:all_reduce", [[BWD_NUMEL]])] * 2
     for rank, res in enumerate(compile_results):
         r = res[(target, backend)]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
 from ..functional import NormInfo, normalize
-from ..stats import Moments, accumulation_dtype
+from ..stats import Moments, accumulation_dtype, capturing
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["CrossIterationBatchNorm"]
@@ -115,10 +115,17 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     derivatives take the module's dtype. A checkpoint without any of the history buffers (a plain BatchNorm's)
     loads, also strictly: the history starts empty and ``step`` at 0. Under DDP the (already identical) buffers are re-broadcast each step unless ``broadcast_buffers=False``.
 
-    **Host reads and torch.compile.** Unlike the other synchronising layers, a training step of this layer reads
-    its step counter, fill count and ring-buffer slot on the host (to decide burn-in, which slots to pool and where
-    to record), and it takes the conv's input from a forward hook; so it does not compile with ``fullgraph=True``
-    (it compiles with graph breaks), and on CUDA each step synchronises the host with the device.
+    **Host reads and torch.compile.** A training step reads nothing on the device from the host: burn-in, the
+    slots pooled (weighted by their counts; slots never written have count 0) and the slot written are decided on the
+    device from the buffers. Whether the step may record history at all (``step >= burn_in - (window - 1)``), which
+    decides whether the weight-gradient statistics are computed and sent, is decided from a host copy of the step
+    counter that :meth:`set_step`, ``load_state_dict`` (which reads the loaded counters once) and each training
+    forward keep up to date; change the counter through those, not by writing the ``step`` buffer. The conv's input
+    comes from a forward hook, which ``torch.compile`` traces: ``torch.compile(model, fullgraph=True)`` compiles a
+    converted net with this layer in one graph. A compiled step (or a captured CUDA graph) keeps no host copy of the
+    counter: it always
+    computes and sends the weight-gradient statistics (the device then decides what is recorded, with the same
+    results as eager), and the next eager step reads the counter once.
 
     **Cost.** One all-reduce in forward of ``2C + 2`` fp64 values plus, while compensation records history,
     ``C_in * prod(kernel) + weight.numel()`` fp64 values (``8 *`` that many bytes); one in backward of ``2C``
@@ -180,11 +187,15 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
         self._conv: list = []  # [conv] or []: a plain list, so the conv is neither a submodule nor in state_dict
         self._warned_unpaired = False
+        # host copy of `step` (None: unknown, read from the buffer at the next eager training forward), so that a
+        # training step reads nothing on the device to decide whether it may record history
+        self._host_step: Optional[int] = 0
 
     def __setstate__(self, state) -> None:
         # copy.deepcopy and pickle restore the pairing through this: the copy owns its copy of the conv, so a second
         # layer attaching to that conv is refused as for the original
         super().__setstate__(state)
+        self.__dict__.setdefault("_host_step", None)
         conv = self.paired_conv
         if conv is not None and _owner_of(conv) is None:
             _OWNERS[conv] = weakref.ref(self)
@@ -250,11 +261,13 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{self.layer_name}: step must be an int >= 0, got {step!r}")
         self.step.fill_(step)
+        self._host_step = step
 
     def _reset_family_state(self) -> None:
         self.reset_history()
         with torch.no_grad():
             self.step.zero_()
+        self._host_step = 0
 
     def reset_history(self) -> None:
         """Forget every recorded iteration (the step counter is kept)."""
@@ -278,16 +291,22 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         conv = self.paired_conv
         captured = conv.__dict__.pop(_CAPTURED, None) if conv is not None else None
         slots = self.window - 1
-        step, filled = int(self.step), min(max(int(self.history_filled), 0), self.window - 1)
-        use_history = slots > 0 and step >= self.burn_in
-        record = slots > 0 and step >= self.burn_in - slots
         if slots > 0 and self.compensate and conv is None and not self._warned_unpaired:
             self._warned_unpaired = True
             warnings.warn(f"{self.layer_name}: no conv attached (call attach(conv) or use syncnorm.convert); "
                           "falling back to compensate=False (naive averaging of the history)", stacklevel=3)
         compensating = self.compensate and conv is not None
+        # Whether this step may record history decides whether the weight-gradient statistics are computed and
+        # sent. Eager, that is decided from the host copy of the step counter (no device read); a compiled step or a
+        # captured CUDA graph cannot keep a host counter, so it always computes them and lets the device decide what
+        # is recorded.
+        if torch.compiler.is_compiling() or capturing():
+            may_record = slots > 0
+            self._host_step = None
+        else:
+            may_record = slots > 0 and self._step_on_host() >= self.burn_in - slots
         extra = extra_numel = None
-        if record and compensating:
+        if may_record and compensating:
             w = conv.weight
             extra_numel = w.numel() // w.shape[0] * (conv.groups + self.num_features)
             if err is None:
@@ -297,15 +316,16 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
                 extra = self._local_grad_sums(conv, captured, input)
             except (RuntimeError, ValueError) as e:
                 err = self._grad_sums_error(conv, e)
-        prior = self._compensated_prior(conv if compensating else None, filled) if use_history and filled else None
+        # the pooled history enters as a prior of count 0 (which changes nothing) while the step is in burn-in
+        prior = self._compensated_prior(conv if compensating else None) if slots > 0 else None
         y, info = normalize(
             input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
             process_group=self.process_group, layer_name=self.layer_name, prior=prior, extra=extra,
             extra_numel=extra_numel, error=err,
         )
         self._update_running(info)
-        if record and float(info.global_count) > 0:
-            self._record(info, conv if compensating else None, filled)
+        if may_record:
+            self._record(info, conv if compensating else None)
         if extra_numel is not None:
             # the global payload is weight-sized: keep neither it nor the packed vector that info.batch.count views
             batch = Moments(info.batch.count.clone(), info.batch.mean, info.batch.m2)
@@ -313,7 +333,15 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             info.batch, info.extra_sum = batch, None
         self.last_info = info
         self.step.add_(1)
+        if self._host_step is not None:
+            self._host_step += 1
         return y
+
+    def _step_on_host(self) -> int:
+        # the host copy of `step`, read from the buffer only when unknown (after a compiled step)
+        if self._host_step is None:
+            self._host_step = int(self.step)
+        return self._host_step
 
     # ------------------------------------------------------------------ weight-gradient statistics
     def _grad_sums_error(self, conv: _ConvNd, e: BaseException) -> ValueError:
@@ -380,37 +408,49 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             cross64 = cross64 + k.to(_F64).view(groups, C // groups, 1) * patch64
             return torch.cat([patch64.reshape(-1), cross64.reshape(-1)])
 
-    def _record(self, info: NormInfo, conv: Optional[_ConvNd], filled: int) -> None:
+    def _record(self, info: NormInfo, conv: Optional[_ConvNd]) -> None:
+        """Write this step's global moments (and derivatives) into the ring-buffer slot ``history_next``, on the
+        device: nothing is written when the step is before ``burn_in - (window - 1)`` or its global batch is empty."""
+        slots = self.window - 1
         with torch.no_grad():
-            slot = int(self.history_next)
             count = info.global_count
-            self.history_count[slot] = count
-            self.history_mean[slot] = info.batch.mean
-            self.history_var[slot] = info.batch.var()
+            do = (self.step >= self.burn_in - slots) & (count > 0)
+            index = self.history_next.view(1)
+
+            def put(buf: torch.Tensor, value) -> torch.Tensor:
+                # buf[slot] = value where `do`, else unchanged; returns the slot's content as written
+                value = value.to(buf.dtype) if isinstance(value, torch.Tensor) else value  # (a scalar: no copy)
+                new = torch.where(do, value, buf.index_select(0, index))
+                buf.index_copy_(0, index, new)
+                return new
+
+            put(self.history_count, count)
+            put(self.history_mean, info.batch.mean)
+            put(self.history_var, info.batch.var())
             if conv is not None:
                 C, groups = self.num_features, conv.groups
                 per_channel = conv.weight[0].numel()
                 sums = info.extra_sum
+                safe_count = count.clamp_min(1)
                 patch = sums[:groups * per_channel].view(groups, 1, per_channel)
                 cross = sums[groups * per_channel:].view(groups, C // groups, per_channel)
-                dmean = patch / count  # d mu_c / d W_c: mean input patch of c's group
-                dvar = 2.0 * (cross - info.batch.mean.view(groups, C // groups, 1) * patch) / count
-                self.history_dmean[slot] = dmean.view(groups, per_channel).to(self.history_dmean.dtype)
-                self.history_dvar[slot] = dvar.view(C, per_channel).to(self.history_dvar.dtype)
+                dmean = patch / safe_count  # d mu_c / d W_c: mean input patch of c's group
+                dvar = 2.0 * (cross - info.batch.mean.view(groups, C // groups, 1) * patch) / safe_count
+                dmean = put(self.history_dmean, dmean.view(groups, per_channel))
+                dvar = put(self.history_dvar, dvar.view(C, per_channel))
                 # products with the weights of this step, from the stored (rounded) derivatives, so that later
                 # <d, W_t> - <d, W_tau> is <d, W_t - W_tau> up to the rounding of the products
-                w_dot_mean, w_dot_var = self._weight_products(conv, self.history_dmean[slot:slot + 1],
-                                                              self.history_dvar[slot:slot + 1])
-                self.history_mean_at[slot] = w_dot_mean[0]
-                self.history_var_at[slot] = w_dot_var[0]
-                self.history_compensable[slot] = True
+                w_dot_mean, w_dot_var = self._weight_products(conv, dmean, dvar)
+                put(self.history_mean_at, w_dot_mean[0])
+                put(self.history_var_at, w_dot_var[0])
+                put(self.history_compensable, True)
             else:
-                self.history_mean_at[slot] = 0.0
-                self.history_var_at[slot] = 0.0
-                self.history_compensable[slot] = False
-            slots = self.window - 1
-            self.history_next.fill_((slot + 1) % slots)
-            self.history_filled.fill_(min(filled + 1, slots))
+                put(self.history_mean_at, 0.0)
+                put(self.history_var_at, 0.0)
+                put(self.history_compensable, False)
+            step_taken = do.to(self.history_next.dtype)
+            self.history_next.copy_((self.history_next + step_taken) % slots)
+            self.history_filled.copy_(torch.where(do, (self.history_filled + 1).clamp(0, slots), self.history_filled))
 
     def _weight_products(self, conv: _ConvNd, dmean: torch.Tensor, dvar: torch.Tensor):
         """``(<dmean_s, W>, <dvar_s, W>)`` per slot s and channel, plus the conv bias in the first; returned in fp64
@@ -427,40 +467,44 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         var_part = torch.linalg.vecdot(dvar.to(acc), conv.weight.detach().to(acc).reshape(C, -1)).to(_F64)
         return mean_part, var_part
 
-    def _compensated_prior(self, conv: Optional[_ConvNd], filled: int) -> Moments:
+    def _history(self, conv: Optional[_ConvNd]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(count (S,), mean (S, C), biased var (S, C))`` of every slot in fp64, compensated to ``conv``'s current
+        weights where recorded with compensation (``conv`` None: as recorded). Slots never written have count 0."""
+        count = self.history_count.to(_F64)
+        mean = self.history_mean.to(_F64)
+        var = self.history_var.to(_F64)
+        if conv is not None:
+            w_dot_mean, w_dot_var = self._weight_products(conv, self.history_dmean, self.history_dvar)
+            ok = self.history_compensable.unsqueeze(1)
+            d_mean = torch.where(ok, w_dot_mean - self.history_mean_at.to(_F64), 0.0)
+            d_var = torch.where(ok, w_dot_var - self.history_var_at.to(_F64), 0.0)
+            mean, var = mean + d_mean, (var + d_var - d_mean * d_mean).clamp_min(0.0)
+        return count, mean, var
+
+    def _compensated_prior(self, conv: Optional[_ConvNd]) -> Moments:
+        """The pooled (compensated) history as one set of moments; of count 0 (and mean, m2 0) while the step
+        counter is below ``burn_in``. Computed on the device, over every slot, weighted by the slots' counts."""
         with torch.no_grad():
-            count = self.history_count[:filled].to(_F64)
-            mean = self.history_mean[:filled].to(_F64)
-            var = self.history_var[:filled].to(_F64)
-            if conv is not None:
-                mean, var = self._compensate(conv, filled, mean, var)
+            count, mean, var = self._history(conv)
+            count = torch.where(self.step >= self.burn_in, count, 0.0)
+            used = (count > 0).unsqueeze(1)
+            # slots not pooled contribute exact zeros (even if what they hold is not finite)
+            mean, var = torch.where(used, mean, 0.0), torch.where(used, var, 0.0)
             total = count.sum()
-            w = (count / total).unsqueeze(1)
+            w = (count / total.clamp_min(1)).unsqueeze(1)
             pooled_mean = (w * mean).sum(0)
             m2 = (count.unsqueeze(1) * (var + (mean - pooled_mean) ** 2)).sum(0)
             return Moments(total, pooled_mean, m2)
 
-    def _compensate(self, conv: _ConvNd, filled: int, mean: torch.Tensor, var: torch.Tensor):
-        w_dot_mean, w_dot_var = self._weight_products(conv, self.history_dmean[:filled], self.history_dvar[:filled])
-        ok = self.history_compensable[:filled].unsqueeze(1)
-        d_mean = torch.where(ok, w_dot_mean - self.history_mean_at[:filled].to(_F64), 0.0)
-        d_var = torch.where(ok, w_dot_var - self.history_var_at[:filled].to(_F64), 0.0)
-        return mean + d_mean, (var + d_var - d_mean * d_mean).clamp_min(0.0)
-
     def compensated_history(self) -> Moments:
         """Per-slot moments of the recorded iterations as they would be used now: ``count (S,)``, ``mean (S, C)``,
         ``m2 (S, C)`` (compensated to the attached conv's current weights when ``compensate``), oldest slot first.
-        For inspection and tests; no collective."""
-        filled = int(self.history_filled)
+        For inspection and tests (it reads the fill count on the host); no collective."""
         slots = self.window - 1
+        filled = min(max(int(self.history_filled), 0), slots)
         order = list(range(filled)) if filled < slots else [(int(self.history_next) + i) % slots for i in range(slots)]
-        conv = self.paired_conv if self.compensate else None
         with torch.no_grad():
-            count = self.history_count[:filled].to(_F64)
-            mean = self.history_mean[:filled].to(_F64)
-            var = self.history_var[:filled].to(_F64)
-            if conv is not None and filled:
-                mean, var = self._compensate(conv, filled, mean, var)
+            count, mean, var = self._history(self.paired_conv if self.compensate else None)
             return Moments(count[order], mean[order], var[order] * count[order].unsqueeze(1))
 
     # ------------------------------------------------------------------ state dict
@@ -476,6 +520,14 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
                     setattr(self, name, torch.zeros(incoming.shape, dtype=current.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # loading is not a training step: the counters are read on the host here, once
+        slots = self.window - 1
+        slot = int(self.history_next)
+        if slots > 0 and not 0 <= slot < slots:
+            error_msgs.append(f"{self.layer_name}: history_next must be a slot index in [0, {slots}) for window="
+                              f"{self.window}, got {slot} in the checkpoint")
+            self.history_next.zero_()
+        self._host_step = int(self.step)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", window={self.window}, burn_in={self.burn_in}, "

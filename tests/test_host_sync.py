@@ -1,0 +1,119 @@
+"""A training step reads nothing on the host: no layer's forward or backward calls an op that copies a device value
+to the host (``.item()``, ``float(t)``, ``if t:``, boolean-mask indexing, ``nonzero``, ...).
+
+On CUDA such a read stops the host until the device catches up; the GPU check (tests/test_cuda.py) runs a step under
+``torch.cuda.set_sync_debug_mode("error")``. Here the same property is checked on CPU tensors, where a dispatch mode
+sees every aten op a step issues. On CPU :func:`syncnorm.stats.require` reads its value at once by design (it costs
+nothing there), so the test swaps it for its accelerator / compiled form (``torch._assert_async``), which needs no host
+read. Every layer is covered, over several steps: SyncBatchNorm, BatchRenorm with clipping, CmBN over a 2-step window,
+and CBN through burn-in, recording and compensated pooling (with ``set_step`` and a checkpoint reload in between).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import syncnorm
+from syncnorm import functional, ops, stats
+
+_cpu_require = stats.require  # the CPU form, which reads its value at once
+
+aten = torch.ops.aten
+# ops whose result needs a device value on the host (or a host-visible, data-dependent shape)
+_HOST_READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default,
+               aten.masked_select.default, aten.item.default}
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every op of the block that reads a tensor's value on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _HOST_READS:
+            self.reads.append(str(func))
+        elif func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                self.reads.append(f"{func} with a boolean mask")
+        return func(*args, **kwargs)
+
+
+def _device_style_require(value, bad, ok, error):
+    torch._assert_async(ok(value), str(error(None)))
+
+
+@pytest.fixture
+def deferred_checks(monkeypatch):
+    monkeypatch.setattr(stats, "require", _device_style_require)
+    monkeypatch.setattr(functional, "require", _device_style_require)
+
+
+def _net(target: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU())
+    return syncnorm.convert(net, target, **kwargs).train()
+
+
+CASES = {
+    "sync": {},
+    "renorm": {"r_max": 1.5, "d_max": 0.5},
+    "cross_minibatch": {"accumulation_steps": 2},
+    "cross_iteration": {"window": 3, "burn_in": 3},
+}
+
+
+@pytest.mark.parametrize("implementation", ["kernels", "reference"])
+@pytest.mark.parametrize("target", list(CASES))
+def test_training_step_reads_nothing_on_the_host(deferred_checks, target, implementation):
+    net = _net(target, **CASES[target])
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with ops.use_kernels(implementation == "kernels"):
+        for step in range(6):
+            if target == "cross_iteration" and step == 4:
+                # a reload (reads the counters once, at load time: not a training step) and an explicit step
+                state = copy.deepcopy(net.state_dict())
+                net.load_state_dict(state)
+                for m in net.modules():
+                    if isinstance(m, syncnorm.CrossIterationBatchNorm):
+                        m.set_step(step)
+            x = torch.randn(2 + step % 2, 3, 8, 8) * 3 + 1
+            with _HostReads() as probe:
+                y = net(x)
+                (y * torch.randn_like(y)).sum().backward()
+            assert probe.reads == [], f"{target}, step {step + 1}: host reads {probe.reads}"
+            opt.step()
+            opt.zero_grad()
+    if target == "cross_iteration":
+        bn = net[1]
+        # the steps went through burn-in (no recording before step 2), recorded, and pooled a full history
+        assert int(bn.step) == 6 and int(bn.history_filled) == 2 and bool(bn.history_compensable.all())
+    if target == "renorm":
+        assert any(m.clip_fraction() > 0 for m in net.modules() if isinstance(m, syncnorm.BatchRenorm))
+
+
+def test_the_probe_sees_host_reads(deferred_checks):
+    # the probe is not blind: a value read, a truth test and a boolean mask are each reported
+    t = torch.arange(4.0)
+    with _HostReads() as probe:
+        float(t.sum())
+        bool(t[0] > 1)
+        t[t > 1].sum()
+    assert len(probe.reads) == 3, probe.reads
+    # the CPU form of require reads its value (which is why this file swaps it); the device form does not
+    check = (t.sum(), lambda v: v < 0, lambda s: s >= 0, lambda v: ValueError("negative"))
+    with _HostReads() as probe:
+        _cpu_require(*check)
+    assert len(probe.reads) == 1, probe.reads
+    with _HostReads() as probe:
+        stats.require(*check)
+    assert probe.reads == []
