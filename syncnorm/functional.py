@@ -2,14 +2,19 @@
 
 Forward (:func:`normalize`)::
 
-    x --ops.batch_stats--> [n, flag, sum x, sum x^2] --comm.all_reduce_sum--> global moments (fp64)
-      [merged with a constant prior: CmBN's window, CBN's compensated history] [Batch Renorm's r, d: no gradient]
-      --per-channel constants [k, s, h] (plain torch ops, O(C))--> ops.normalize --> y = (x - k) * s + h
+    x --ops.batch_stats--> [n, flag, sum x, sum x^2] --comm.all_reduce_sum--> summed vector (fp64)
+      --ops.forward_epilogue (O(C), one op): global moments [merged with a constant prior: CmBN's window, CBN's
+        compensated history], invstd, [Batch Renorm's r, d: no gradient], the constants [k, s, h], and the running
+        statistics updated in place--> ops.normalize --> y = (x - k) * s + h
 
 Backward (:class:`_Normalize`)::
 
-    dy --ops.backward_stats--> [sum dy, sum dy * x_hat] --comm.all_reduce_sum--> ops.backward_input --> dx
+    dy --ops.backward_reduce--> [sum dy, sum dy * x_hat] --comm.all_reduce_sum--> ops.backward_apply --> dx
     d weight, d bias: from the local sums (DDP averages them)
+
+On CUDA that is two Triton kernels forward (the reduction: per-program partials, then their fixed-order sum), the
+collective, one epilogue kernel and one normalising kernel; backward the same two-kernel reduction (its second kernel
+also packs the vector), two copies (the weight and bias gradients), the collective and one kernel that forms dx.
 
 ``k`` is the normalising mean rounded to the accumulation dtype, so ``x - k`` is exact for data whose mean is far
 larger than its spread, and the rest of the mean is folded into ``h``. Nothing is read on the host: counts and
@@ -29,17 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from . import comm, ops
-from .stats import Moments, accumulation_dtype, global_moments, raise_pending_errors, require
+from .stats import Check, Moments, _peer_error, accumulation_dtype, all_reduce_stats, raise_pending_errors, require_each
 
 __all__ = [
     "NormInfo",
     "normalize",
     "train_step",
-    "update_running_stats",
     "sync_batch_norm",
     "batch_renorm",
-    "renorm_factors",
-    "RenormBounds",
     "check_input",
 ]
 
@@ -100,62 +102,39 @@ def _one_value_error(layer_name: str, x) -> ValueError:
 
 
 class _Normalize(torch.autograd.Function):
-    """``y = (x - mean) * invstd * (weight * r) + (bias + weight * d)`` with constant per-channel statistics; the
-    backward is BatchNorm's full input gradient for statistics global over ``group`` (one all-reduce)."""
+    """``y = (x - k) * s + h`` with the constant per-channel ``coef = [k, s, h]`` of :func:`syncnorm.ops.forward_epilogue`
+    (``s = weight * r * invstd``, ``h = bias + weight * d - (mean - k) * s``); the backward is BatchNorm's full input
+    gradient for statistics global over ``group`` (one all-reduce)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, r, d, count, group):
-        # mean, invstd: fp64 (C,) statistics the input is normalised with; count: their fp64 0-d count;
-        # r, d: fp64 Batch-Renorm factors or None
-        acc = accumulation_dtype(x.dtype)
-        w_eff = _times(weight, r)  # weight * r (a missing factor counts as 1; None when both are missing)
-        shift = _plus(bias, None if d is None else _times(weight, d))  # bias + weight * d
-        scale = invstd if w_eff is None else w_eff.to(_F64) * invstd
-        center = mean.to(acc)
-        h = -(mean - center.to(_F64)) * scale
-        if shift is not None:
-            h = h + shift.to(_F64)
-        y = ops.normalize(x, torch.stack([center.to(_F64), scale, h]).to(acc))
-        ctx.save_for_backward(x, weight, center, mean, invstd, scale, r, d, count)
-        ctx.group = group
+    def forward(ctx, x, weight, bias, coef, stats, count, renorm, group):
+        # coef: (3, C) in the accumulation dtype; stats: the epilogue's fp64 (8, C) (rows ops.EPILOGUE_ROWS);
+        # count: the fp64 0-d count the statistics are of; renorm: whether r and d (stats rows 6, 7) apply
+        y = ops.normalize(x, coef)
+        ctx.save_for_backward(x, weight, coef[0], stats, count)
+        ctx.group, ctx.renorm = group, renorm
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         raise_pending_errors()
-        x, weight, center, mean, invstd, scale, r, d, count = ctx.saved_tensors
-        C = mean.shape[0]
-        sums = ops.backward_stats(dy, x, center)
-        sum_dy = sums[0]
-        sum_dy_xhat = (sums[1] - (mean - center.to(_F64)) * sum_dy) * invstd
+        x, weight, center, stats, count = ctx.saved_tensors
+        C = center.shape[0]
+        # this rank's [sum dy, sum dy * x_hat] (2C fp64 values): the weight and bias gradients, and what the one
+        # backward collective sums over the group
+        sums = ops.backward_reduce(dy, x, center, stats)
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            # the one backward collective: [sum dy, sum dy * x_hat] over the group (2C fp64 values)
-            total = comm.all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]), ctx.group)
-            n = count.clamp_min(1)
-            # dx = scale * (dy - (sum dy + x_hat * sum dy x_hat) / n) = dy * a + (x - k) * b + c
-            b = -scale * invstd * total[C:] / n
-            c = -scale * total[:C] / n - b * (mean - center.to(_F64))
-            dx = ops.backward_input(dy, x, torch.stack([center.to(_F64), scale, b, c]).to(center.dtype))
+        # (copies: the eager all-reduce below sums `sums` in place)
         if ctx.needs_input_grad[1]:
-            dw = sum_dy_xhat if r is None else sum_dy_xhat * r + sum_dy * d
-            dw = dw.to(weight.dtype)
+            dw = sums[C:] if not ctx.renorm else sums[C:] * stats[6] + sums[:C] * stats[7]
+            dw = dw.to(weight.dtype, copy=True)
         if ctx.needs_input_grad[2]:
-            db = sum_dy.to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None, None, None, None
-
-
-def _times(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if a is None or b is None:
-        return b if a is None else a
-    return a.to(_F64) * b
-
-
-def _plus(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if a is None or b is None:
-        return b if a is None else a
-    return a.to(_F64) + b
+            db = sums[:C].to(ctx.bias_dtype, copy=True)
+        if ctx.needs_input_grad[0]:
+            total = comm.all_reduce_sum(sums, ctx.group)
+            dx = ops.backward_apply(dy, x, total, center, stats, count)
+        return dx, dw, db, None, None, None, None, None
 
 
 def normalize(
@@ -168,7 +147,11 @@ def normalize(
     process_group=None,
     layer_name: str = "layer",
     prior: Optional[Moments] = None,
-    renorm: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
+    renorm: Optional[tuple[float, float]] = None,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+    momentum: Optional[float] = 0.1,
     extra: Optional[torch.Tensor] = None,
     extra_numel: Optional[int] = None,
     error: Optional[BaseException] = None,
@@ -178,45 +161,61 @@ def normalize(
     Args:
         x: ``(N, C, *)`` input of this rank; N may be 0 (the rank still joins both collectives).
         weight, bias: per-channel affine parameters or None.
-        eps: added to the variance.
+        eps: added to the variance (and, for Batch Renorm, to the running variance).
         num_features: C (defaults to ``x.shape[1]``; layers pass their own so bad input sends the right size).
         process_group: group to synchronise over (None = the world; world 1 = no collective).
         layer_name: used in error messages.
         prior: constant moments merged with the batch before normalising (no gradient flows into them); the
             backward then divides by the merged count. A prior of count 0 changes nothing.
-        renorm: ``f(batch_mean, batch_var_biased) -> (r, d)``, the Batch-Renorm factors (constants for autograd),
-            called with the fp64 moments of the global batch.
+        renorm: ``(r_max, d_max)``: Batch Renorm, with ``r`` and ``d`` (constants for autograd) from the global
+            batch's moments and ``running_mean`` / ``running_var`` as they are before this step's update.
+        running_mean, running_var, num_batches_tracked, momentum: running statistics, updated in place from the
+            global batch's moments (not the prior's) as BatchNorm does; None: no update (``renorm`` needs them).
         extra, extra_numel: payload summed over ranks in the same forward collective.
-        error: invalid-input exception of this rank (see :func:`syncnorm.stats.global_moments`).
+        error: invalid-input exception of this rank (see :func:`syncnorm.stats.all_reduce_stats`).
 
     Returns:
         ``(y, info)``: the output in ``x``'s dtype and memory format, and a :class:`NormInfo`.
 
     A group that holds exactly one value per channel raises ValueError on every rank (see
     :func:`syncnorm.stats.require` for when, on accelerators). Bytes moved per rank, whatever the world size:
-    forward ``8 * (2C + 2 + extra)``, backward ``8 * 2C``.
+    forward ``8 * (2C + 2 + extra)``, backward ``8 * 2C``. Between the forward collective and the normalisation runs
+    one O(C) op, :func:`syncnorm.ops.forward_epilogue`.
     """
     raise_pending_errors()
     C = x.shape[1] if num_features is None else num_features
     if error is None and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] != C:
         error = ValueError(f"{layer_name}: expected {C} channels in dim 1, got {x.shape[1]}")
+    if renorm is not None and (running_mean is None or running_var is None):
+        raise ValueError(f"{layer_name}: Batch Renorm needs the running statistics (running_mean, running_var)")
     device = weight.device if weight is not None else (x.device if isinstance(x, torch.Tensor) else None)
     with torch.no_grad():
-        batch, extra_sum = global_moments(x, C, process_group, device=device, extra=extra, extra_numel=extra_numel,
-                                          error=error, layer_name=layer_name)
-        used = batch if prior is None else prior.merge(batch)
-        require(used.count, lambda v: v == 1, lambda t: t != 1, lambda v: _one_value_error(layer_name, x))
+        total = all_reduce_stats(x, C, process_group, device=device, extra=extra, extra_numel=extra_numel,
+                                 error=error)
+        extra_sum = total[2 + 2 * C:] if extra_numel else None
+        prior_t = None if prior is None else torch.stack(
+            [prior.count.to(_F64).expand(C), prior.mean.to(_F64), prior.m2.to(_F64)])
+        r_max, d_max = (1.0, 0.0) if renorm is None else (float(renorm[0]), float(renorm[1]))
+        coef, stats, counts = ops.forward_epilogue(
+            total[:2 + 2 * C], prior_t, weight, bias, running_mean, running_var, num_batches_tracked, float(eps),
+            momentum, renorm is not None, r_max, d_max, accumulation_dtype(x.dtype))
+        # one copy to the host for both checks: a peer's invalid input (the flag), one value per channel
+        require_each(counts[1:], [Check(lambda v: v > 0, lambda t: t == 0, lambda v: _peer_error(layer_name, v)),
+                                  Check(lambda v: v == 1, lambda t: t != 1,
+                                        lambda v: _one_value_error(layer_name, x))])
+    batch_mean, batch_m2, mean, m2, _, _, r, d = stats.unbind(0)
+    if renorm is None:
         r = d = None
-        if renorm is not None:
-            r, d = (t.to(_F64) for t in renorm(batch.mean, batch.var()))
-        invstd = torch.rsqrt(used.m2 / used.count.clamp_min(1) + eps)
+    args = (x, weight, bias, coef, stats, counts[2], renorm is not None, process_group)
     if torch.is_autocast_enabled(x.device.type):
         # the statistics stay fp32 or wider: the ops see the input's own dtype, never an autocast copy
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = _Normalize.apply(x, weight, bias, used.mean, invstd, r, d, used.count, process_group)
+            y = _Normalize.apply(*args)
     else:
-        y = _Normalize.apply(x, weight, bias, used.mean, invstd, r, d, used.count, process_group)
-    info = NormInfo(batch=batch, used=used, global_count=batch.count, r=r, d=d, extra_sum=extra_sum,
+        y = _Normalize.apply(*args)
+    batch = Moments(counts[0], batch_mean, batch_m2)
+    used = batch if prior is None else Moments(counts[2], mean, m2)
+    info = NormInfo(batch=batch, used=used, global_count=counts[0], r=r, d=d, extra_sum=extra_sum,
                     local_count=x.numel() // max(C, 1))
     return y, info
 
@@ -235,45 +234,15 @@ def train_step(
     process_group=None,
     layer_name: str = "layer",
     prior: Optional[Moments] = None,
-    renorm: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
+    renorm: Optional[tuple[float, float]] = None,
     error: Optional[BaseException] = None,
 ) -> tuple[torch.Tensor, NormInfo]:
-    """One training forward of a layer: :func:`normalize`, then :func:`update_running_stats` with the global batch
-    moments (running buffers None: no update). Returns ``(y, info)``."""
-    y, info = normalize(x, weight, bias, eps=eps, num_features=num_features, process_group=process_group,
-                        layer_name=layer_name, prior=prior, renorm=renorm, error=error)
-    update_running_stats(running_mean, running_var, num_batches_tracked, info.batch, momentum)
-    return y, info
-
-
-def update_running_stats(
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    num_batches_tracked: Optional[torch.Tensor],
-    batch: Moments,
-    momentum: Optional[float],
-) -> None:
-    """BatchNorm's running-statistics update from global batch moments, in place, without gradient and without
-    reading anything on the host.
-
-    ``running_var`` receives the *unbiased* variance with the global count. ``momentum=None`` gives the cumulative
-    moving average ``1 / num_batches_tracked``. A global count of 0 leaves every buffer untouched.
-    """
-    if running_mean is None:
-        return
-    with torch.no_grad():
-        seen = batch.count > 0
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(seen.to(num_batches_tracked.dtype))
-        if momentum is None:
-            if num_batches_tracked is None:
-                return
-            factor = 1.0 / num_batches_tracked.clamp_min(1).to(running_mean.dtype)
-        else:
-            factor = momentum
-        unbiased = batch.m2 / (batch.count - 1).clamp_min(1)
-        for buf, target in ((running_mean, batch.mean), (running_var, unbiased)):
-            buf.copy_(torch.where(seen, torch.lerp(buf, target.to(buf.dtype), factor), buf))
+    """One training forward of a layer: :func:`normalize` with the running statistics updated in place from the
+    global batch moments (running buffers None: no update). Returns ``(y, info)``."""
+    return normalize(x, weight, bias, eps=eps, num_features=num_features, process_group=process_group,
+                     layer_name=layer_name, prior=prior, renorm=renorm, running_mean=running_mean,
+                     running_var=running_var, num_batches_tracked=num_batches_tracked, momentum=momentum,
+                     error=error)
 
 
 def sync_batch_norm(
@@ -304,51 +273,6 @@ def sync_batch_norm(
     return y
 
 
-def renorm_factors(
-    batch_mean: torch.Tensor,
-    batch_var: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-    r_max: float,
-    d_max: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch-Renorm factors ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``.
-
-    ``sigma_B = sqrt(var_B + eps)`` with the biased batch variance, ``sigma = sqrt(running_var + eps)``. Computed
-    without gradient, in the promoted dtype of the inputs (the layer passes the batch statistics in the accumulation
-    dtype it normalises with: fp32, or fp64 for fp64 input).
-    """
-    with torch.no_grad():
-        # few small ops: this runs every training forward, and on small layers each op is a visible share of it
-        inv_sigma = torch.rsqrt(running_var + eps)
-        r = (torch.sqrt(batch_var + eps) * inv_sigma).clamp_(1.0 / r_max, r_max)
-        d = ((batch_mean - running_mean) * inv_sigma).clamp_(-d_max, d_max)
-    return r, d
-
-
-class RenormBounds:
-    """The ``renorm`` callable of :func:`normalize` for Batch Renorm: :func:`renorm_factors` against fixed running
-    statistics and clip bounds.
-
-    Calling it with the batch mean and biased variance returns ``(r, d)`` and keeps them in :attr:`last`; the running
-    statistics are read at the call, i.e. before this step's update.
-    """
-
-    __slots__ = ("running_mean", "running_var", "eps", "r_max", "d_max", "last")
-
-    def __init__(self, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, r_max: float,
-                 d_max: float) -> None:
-        self.running_mean, self.running_var = running_mean, running_var
-        self.eps, self.r_max, self.d_max = float(eps), float(r_max), float(d_max)
-        self.last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-
-    def __call__(self, batch_mean: torch.Tensor, batch_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.last = renorm_factors(batch_mean, batch_var, self.running_mean, self.running_var, self.eps, self.r_max,
-                                   self.d_max)
-        return self.last
-
-
 def batch_renorm(
     input: torch.Tensor,
     running_mean: torch.Tensor,
@@ -366,14 +290,15 @@ def batch_renorm(
 ) -> tuple[torch.Tensor, NormInfo | None]:
     """Batch Renormalization (Ioffe 2017) with statistics global over ``process_group``.
 
-    Training: ``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` with ``r, d`` from :func:`renorm_factors`
-    (computed from the running statistics *before* this step's update, no gradient), then the running statistics
-    update as in BatchNorm. Eval: ``F.batch_norm`` with the running statistics. Returns ``(y, info)``; info is None
+    Training: ``y = weight * ((x - mu_B) / sigma_B * r + d) + bias`` with
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)``, ``d = clip((mu_B - mu) / sigma, -d_max, d_max)``,
+    ``sigma_B = sqrt(var_B + eps)`` (biased global batch variance), ``sigma = sqrt(running_var + eps)``, ``mu`` the
+    running mean: computed in fp64 from the running statistics *before* this step's update, without gradient. Then
+    the running statistics update as in BatchNorm. Eval: ``F.batch_norm`` with the running statistics. Returns ``(y, info)``; info is None
     in eval.
     """
     if not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps), None
     err = check_input(input, input.shape[1] if isinstance(input, torch.Tensor) and input.dim() >= 2 else -1, layer_name)
-    bounds = RenormBounds(running_mean.detach(), running_var.detach(), eps, r_max, d_max)
     return train_step(input, weight, bias, running_mean, running_var, num_batches_tracked, eps=eps, momentum=momentum,
-                      process_group=process_group, layer_name=layer_name, renorm=bounds, error=err)
+                      process_group=process_group, layer_name=layer_name, renorm=(r_max, d_max), error=err)

@@ -1,4 +1,5 @@
-"""The custom ops of the training step: the four passes over the data, each a ``torch.library`` custom op.
+"""The custom ops of the training step: the four passes over the data and the O(C) forward epilogue, each a
+``torch.library`` custom op.
 
 =================  ==========================================  =====================================================
 op                 inputs                                      result
@@ -10,6 +11,12 @@ op                 inputs                                      result
 ``backward_stats`` ``dy``, ``x``, ``center (C,) = k``          fp64 ``(2, C)``: ``[sum dy, sum dy * (x - k)]``
 ``backward_input`` ``dy``, ``x``, ``coef (4, C) = [k, a, b, c]`` ``dx = dy * a + (x - k) * b + c`` per channel
 =================  ==========================================  =====================================================
+
+Between the forward all-reduce and ``normalize`` sits one O(C) op, :func:`forward_epilogue`: from the summed vector
+(and a constant prior, Batch Renorm's bounds) it forms the global moments, ``mean`` and ``invstd``, ``r`` and ``d``, the
+constants ``[k, s, h]`` that ``normalize`` takes, and updates the running statistics in place: one kernel on CUDA,
+where its reference implementation is about fifty small torch operations (counted with a dispatch mode; a launch
+each). On CPU that reference *is* its kernel (O(C) work; a C++ version would save microseconds).
 
 The per-channel constants are in the accumulation dtype (fp32 for fp16/bf16/fp32 input, fp64 for fp64 input); the
 outputs ``y`` and ``dx`` have the input's dtype and memory format. What the constants mean, and the two collectives
@@ -66,6 +73,13 @@ __all__ = [
     "normalize_reference",
     "backward_stats_reference",
     "backward_input_reference",
+    "forward_epilogue",
+    "forward_epilogue_reference",
+    "EPILOGUE_ROWS",
+    "backward_reduce",
+    "backward_reduce_reference",
+    "backward_apply",
+    "backward_apply_reference",
     "accumulation_dtype",
     "kernels_enabled",
     "set_kernels_enabled",
@@ -157,6 +171,90 @@ def backward_input_reference(dy: Tensor, x: Tensor, coef: Tensor) -> Tensor:
     return _like_input(dx, x)
 
 
+# rows of forward_epilogue's (8, C) fp64 statistics output
+EPILOGUE_ROWS = ("batch_mean", "batch_m2", "mean", "m2", "invstd", "scale", "r", "d")
+
+
+def forward_epilogue_reference(
+    total: Tensor, prior: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    eps: float, momentum: Optional[float], renorm: bool, r_max: float, d_max: float, compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`forward_epilogue`, in plain torch operations (fp64 unless said otherwise)."""
+    C = (total.shape[0] - 2) // 2
+    n, flag = total[0], total[1]
+    s1, s2 = total[2:2 + C], total[2 + C:2 + 2 * C]
+    safe_n = n.clamp_min(1)
+    batch_mean = s1 / safe_n
+    batch_m2 = (s2 - batch_mean * s1).clamp_min(0)
+    if prior is None:
+        used_n, mean, m2 = n, batch_mean, batch_m2
+    else:  # Chan's exact merge, the prior first (syncnorm.stats.Moments.merge)
+        prior_n, prior_mean, prior_m2 = prior[0, 0], prior[1], prior[2]
+        used_n = prior_n + n
+        safe_used = torch.where(used_n > 0, used_n, torch.ones_like(used_n))
+        delta = batch_mean - prior_mean
+        mean = prior_mean + delta * (n / safe_used)
+        m2 = prior_m2 + batch_m2 + delta * delta * (prior_n * n / safe_used)
+    ones = torch.ones_like(batch_mean)
+    r, d = ones, torch.zeros_like(batch_mean)
+    if renorm:
+        rm, rv = running_mean.to(_F64), running_var.to(_F64)  # before this step's update
+        batch_var = torch.where(n > 0, batch_m2 / safe_n, torch.zeros_like(batch_m2))
+        inv_sigma = torch.rsqrt(rv + eps)
+        r = (torch.sqrt(batch_var + eps) * inv_sigma).clamp(1.0 / r_max, r_max)
+        d = ((batch_mean - rm) * inv_sigma).clamp(-d_max, d_max)
+    invstd = torch.rsqrt(m2 / used_n.clamp_min(1) + eps)
+    w = ones if weight is None else weight.to(_F64)
+    b = torch.zeros_like(batch_mean) if bias is None else bias.to(_F64)
+    scale = w * r * invstd
+    k = mean.to(compute_dtype)
+    h = (b + w * d) - (mean - k.to(_F64)) * scale
+    coef = torch.stack([k, scale.to(compute_dtype), h.to(compute_dtype)])
+    stats = torch.stack([batch_mean, batch_m2, mean, m2, invstd, scale, r, d])
+    counts = torch.stack([n, flag, used_n])
+    if running_mean is not None:
+        # a step that will raise (a rank's invalid input, one value per channel) leaves the statistics alone
+        seen = (n > 0) & (flag == 0) & (used_n != 1)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(seen.to(num_batches_tracked.dtype))
+        if momentum is not None or num_batches_tracked is not None:
+            factor = momentum if momentum is not None else \
+                1.0 / num_batches_tracked.clamp_min(1).to(running_mean.dtype)
+            unbiased = batch_m2 / (n - 1).clamp_min(1)
+            for buf, target in ((running_mean, batch_mean), (running_var, unbiased)):
+                buf.copy_(torch.where(seen, torch.lerp(buf, target.to(buf.dtype), factor), buf))
+    return coef, stats, counts
+
+
+def _backward_pack(sums: Tensor, center: Tensor, stats: Tensor) -> Tensor:
+    # [sum dy, sum dy * (x - k)] -> [sum dy, sum dy * x_hat], x_hat = (x - mean) * invstd (fp64)
+    mean, invstd = stats[2], stats[4]
+    return torch.cat([sums[0], (sums[1] - (mean - center.to(_F64)) * sums[0]) * invstd])
+
+
+def _backward_coef(total: Tensor, center: Tensor, stats: Tensor, count: Tensor) -> Tensor:
+    # dx = s * (dy - (sum dy + x_hat * sum dy x_hat) / n) = dy * a + (x - k) * b + c, in the centre's dtype
+    C = center.shape[0]
+    mean, invstd, scale = stats[2], stats[4], stats[5]
+    n = count.clamp_min(1)
+    b = -scale * invstd * total[C:] / n
+    c = -scale * total[:C] / n - b * (mean - center.to(_F64))
+    return torch.stack([center.to(_F64), scale, b, c]).to(center.dtype)
+
+
+def backward_reduce_reference(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor) -> Tensor:
+    """Reference of :func:`backward_reduce`: :func:`backward_stats_reference`, then made ``[sum dy, sum dy x_hat]``."""
+    return _backward_pack(backward_stats_reference(dy, x, center), center, stats)
+
+
+def backward_apply_reference(dy: Tensor, x: Tensor, total: Tensor, center: Tensor, stats: Tensor,
+                             count: Tensor) -> Tensor:
+    """Reference of :func:`backward_apply`: the constants ``[k, a, b, c]`` in plain torch operations, then
+    :func:`backward_input_reference`."""
+    return backward_input_reference(dy, x, _backward_coef(total, center, stats, count))
+
+
 # ----------------------------------------------------------------------------------------------- custom ops
 
 
@@ -188,6 +286,78 @@ def backward_input(dy: Tensor, x: Tensor, coef: Tensor) -> Tensor:
     """``dx = dy * a + (x - k) * b + c`` per channel, with ``coef = [k, a, b, c]`` of shape ``(4, C)`` in the
     accumulation dtype; ``dx`` has x's dtype and memory format."""
     return backward_input_reference(dy, x, coef)
+
+
+@torch.library.custom_op("syncnorm::forward_epilogue",
+                         mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def forward_epilogue(
+    total: Tensor, prior: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+    eps: float, momentum: Optional[float], renorm: bool, r_max: float, d_max: float, compute_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Everything a training forward computes per channel between its all-reduce and :func:`normalize`.
+
+    Args:
+        total: the summed fp64 ``[n, flag, sum x, sum x^2]`` (``2C + 2`` values).
+        prior: None, or fp64 ``(3, C)`` ``[count (every column), mean, m2]``: constant moments merged with the
+            batch's (CmBN's window, CBN's pooled history); a count of 0 changes nothing.
+        weight, bias: the affine parameters or None.
+        running_mean, running_var, num_batches_tracked: the running statistics or None; updated in place from the
+            batch moments when ``running_mean`` is given (BatchNorm's update: ``running_var`` gets the unbiased
+            variance, ``momentum=None`` the cumulative average ``1 / num_batches_tracked``). An empty global batch
+            changes nothing, and neither does a step that raises: error flag set, or a used count of 1.
+        eps: added to the variances.
+        renorm: Batch Renorm: ``r = clip(sqrt(var_B + eps) / sqrt(running_var + eps), 1/r_max, r_max)``,
+            ``d = clip((mean_B - running_mean) / sqrt(running_var + eps), -d_max, d_max)`` from the running
+            statistics *before* the update (r = 1, d = 0 otherwise).
+        compute_dtype: dtype of ``coef`` (the accumulation dtype of the input).
+
+    Returns ``(coef, stats, counts)``:
+        - ``coef``, ``(3, C)`` in ``compute_dtype``: ``[k, s, h]`` for :func:`normalize`, with ``k`` the used mean
+          rounded to ``compute_dtype``, ``s = weight * r * invstd`` and ``h = bias + weight * d - (mean - k) * s``;
+        - ``stats``, fp64 ``(8, C)``, rows :data:`EPILOGUE_ROWS`: the batch's mean and m2, the used (merged) mean
+          and m2, ``invstd = 1 / sqrt(m2 / count + eps)``, ``s``, ``r``, ``d``;
+        - ``counts``, fp64 ``(3,)``: ``[batch count, error flag, used count]``.
+    """
+    return forward_epilogue_reference(total, prior, weight, bias, running_mean, running_var, num_batches_tracked,
+                                      eps, momentum, renorm, r_max, d_max, compute_dtype)
+
+
+@forward_epilogue.register_fake
+def _(total, prior, weight, bias, running_mean, running_var, num_batches_tracked, eps, momentum, renorm, r_max, d_max,
+      compute_dtype):
+    C = (total.shape[0] - 2) // 2
+    return (total.new_empty((3, C), dtype=compute_dtype), total.new_empty((8, C), dtype=_F64),
+            total.new_empty(3, dtype=_F64))
+
+
+@torch.library.custom_op("syncnorm::backward_reduce", mutates_args=())
+def backward_reduce(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor) -> Tensor:
+    """This rank's contribution to the backward all-reduce, fp64 ``(2C,)``: ``[sum dy, sum dy * x_hat]`` with
+    ``x_hat = (x - mean) * invstd``, ``mean`` and ``invstd`` rows of the forward epilogue's ``stats`` (see
+    :data:`EPILOGUE_ROWS`) and ``center = k`` (the mean rounded to the accumulation dtype, which the sums are taken
+    around: :func:`backward_stats`, then ``sum dy * x_hat = (sum dy (x - k) - (mean - k) sum dy) * invstd``)."""
+    return backward_reduce_reference(dy, x, center, stats)
+
+
+@torch.library.custom_op("syncnorm::backward_apply", mutates_args=())
+def backward_apply(dy: Tensor, x: Tensor, total: Tensor, center: Tensor, stats: Tensor, count: Tensor) -> Tensor:
+    """BatchNorm's input gradient from the summed ``total = [sum dy, sum dy * x_hat]`` over ``count`` values per
+    channel: ``dx = s * (dy - (sum dy + x_hat * sum dy x_hat) / count)`` with ``s``, ``mean``, ``invstd`` rows of the
+    forward epilogue's ``stats``; computed as :func:`backward_input` with ``[k, a, b, c] = [center, s,
+    -s invstd sum dy x_hat / n, -s sum dy / n - b (mean - k)]`` (fp64, then the centre's dtype). ``dx`` has x's
+    dtype and memory format."""
+    return backward_apply_reference(dy, x, total, center, stats, count)
+
+
+@backward_reduce.register_fake
+def _(dy, x, center, stats):
+    return x.new_empty(2 * x.shape[1], dtype=_F64)
+
+
+@backward_apply.register_fake
+def _(dy, x, total, center, stats, count):
+    return torch.empty_like(x, memory_format=_memory_format(x))
 
 
 @batch_stats.register_fake
@@ -394,11 +564,12 @@ def _cuda(reference, name: str):
     return kernel
 
 
-def _cpu(reference, name: str):
+def _cpu(reference, name: str, cpp: bool = True):
+    # cpp=False: an O(C) op without a C++ kernel; on CPU its plain torch operations are the kernel
     def kernel(*args):
         if _triton:
             return _triton_launcher(name, "cpu")(*args)
-        if _enabled and cpu_kernels_available():
+        if cpp and _enabled and cpu_kernels_available():
             return getattr(torch.ops.syncnorm_cpu, name)(*args)
         return reference(*args)
 
@@ -410,7 +581,33 @@ batch_stats.register_kernel("cpu")(_cpu(batch_stats_reference, "batch_stats"))
 normalize.register_kernel("cpu")(_cpu(normalize_reference, "normalize"))
 backward_stats.register_kernel("cpu")(_cpu(backward_stats_reference, "backward_stats"))
 backward_input.register_kernel("cpu")(_cpu(backward_input_reference, "backward_input"))
+forward_epilogue.register_kernel("cpu")(_cpu(forward_epilogue_reference, "forward_epilogue", cpp=False))
+forward_epilogue.register_kernel("cuda")(_cuda(forward_epilogue_reference, "forward_epilogue"))
 batch_stats.register_kernel("cuda")(_cuda(batch_stats_reference, "batch_stats"))
 normalize.register_kernel("cuda")(_cuda(normalize_reference, "normalize"))
 backward_stats.register_kernel("cuda")(_cuda(backward_stats_reference, "backward_stats"))
 backward_input.register_kernel("cuda")(_cuda(backward_input_reference, "backward_input"))
+
+
+def _backward_reduce_cpu(dy, x, center, stats):
+    # on CPU: the C++ data pass, then its O(C) packing in torch operations
+    if _triton:
+        return _triton_launcher("backward_reduce", "cpu")(dy, x, center, stats)
+    if _enabled and cpu_kernels_available():
+        return _backward_pack(torch.ops.syncnorm_cpu.backward_stats(dy, x, center), center, stats)
+    return backward_reduce_reference(dy, x, center, stats)
+
+
+def _backward_apply_cpu(dy, x, total, center, stats, count):
+    # on CPU: the O(C) constants in torch operations, then the C++ data pass
+    if _triton:
+        return _triton_launcher("backward_apply", "cpu")(dy, x, total, center, stats, count)
+    if _enabled and cpu_kernels_available():
+        return torch.ops.syncnorm_cpu.backward_input(dy, x, _backward_coef(total, center, stats, count))
+    return backward_apply_reference(dy, x, total, center, stats, count)
+
+
+backward_reduce.register_kernel("cpu")(_backward_reduce_cpu)
+backward_apply.register_kernel("cpu")(_backward_apply_cpu)
+backward_reduce.register_kernel("cuda")(_cuda(backward_reduce_reference, "backward_reduce"))
+backward_apply.register_kernel("cuda")(_cuda(backward_apply_reference, "backward_apply"))

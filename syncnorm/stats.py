@@ -1,14 +1,15 @@
 """Per-channel moments: the packed vector of the forward collective, the exact merge, and the deferred checks.
 
-Every syncnorm layer gets its batch statistics from :func:`global_moments`:
+Every syncnorm layer gets its batch statistics from :func:`all_reduce_stats` (and :func:`global_moments`):
 
 1. **Local sums.** The custom op :func:`syncnorm.ops.batch_stats` reduces this rank's ``(N, C, *)`` input to the
    fp64 vector ``[n, flag, sum x, sum x^2]`` (``2C + 2`` values; a caller's payload may follow). A rank whose input
    is invalid sends zeros with ``flag = 1`` instead.
 2. **One collective.** :func:`syncnorm.comm.all_reduce_sum` sums that vector over the process group, so the bytes a
    rank sends do not depend on the world size.
-3. **Global moments** ``(N, mean, M2)`` come out of the summed vector in fp64; the merge is exact (Chan et al.), so
-   uneven and empty per-rank batches are weighted by their element counts.
+3. **Global moments** ``(N, mean, M2)`` come out of the summed vector in fp64 (in the training step: inside the op
+   :func:`syncnorm.ops.forward_epilogue`; elsewhere: :func:`unpack`); the merge is exact (Chan et al.), so uneven
+   and empty per-rank batches are weighted by their element counts.
 
 No value is read on the host on the way: the count and the error flag stay tensors. What is checked on them (a
 peer's invalid input, one value per channel in the whole group) goes through :func:`require`, which raises at once
@@ -32,10 +33,13 @@ __all__ = [
     "Moments",
     "accumulation_dtype",
     "global_moments",
+    "all_reduce_stats",
     "moments_of",
     "unpack",
     "PeerInputError",
     "require",
+    "require_each",
+    "Check",
     "raise_pending_errors",
     "all_reduce_moments",
     "merge_all",
@@ -126,11 +130,19 @@ def _peer_error(layer_name: str, flag: Optional[float]) -> "PeerInputError":
     )
 
 
-class _Pending(NamedTuple):
-    value: torch.Tensor  # pinned host copy of the checked value
-    event: object  # the device event after which `value` is valid
+class Check(NamedTuple):
+    """One condition :func:`require_each` checks on one value: ``bad(v)`` on the host value (a float), ``ok(t)`` the
+    same test as a tensor, ``error(v)`` the exception to raise (``v`` None where the value is not known)."""
+
     bad: Callable[[float], bool]
+    ok: Callable[[torch.Tensor], torch.Tensor]
     error: Callable[[Optional[float]], BaseException]
+
+
+class _Pending(NamedTuple):
+    value: torch.Tensor  # pinned host copy of the checked values
+    event: object  # the device event after which `value` is valid
+    checks: Sequence[Check]
 
 
 _pending: "deque[_Pending]" = deque()
@@ -145,10 +157,16 @@ def capturing() -> bool:
 def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[torch.Tensor], torch.Tensor],
             error: Callable[[Optional[float]], BaseException]) -> None:
     """Raise ``error(v)`` where the 0-d tensor ``value`` holds a bad ``v`` (``bad(v)``; ``ok(value)`` is the same
-    test as a tensor), without stopping an accelerator to read it.
+    test as a tensor), without stopping an accelerator to read it: :func:`require_each` with one check."""
+    require_each(value.reshape(1), [Check(bad, ok, error)])
 
-    - **CPU, eager:** ``value`` is read at once and the error raised here.
-    - **CUDA, eager:** ``value`` is copied to pinned host memory without blocking; the copy is examined, and the
+
+def require_each(values: torch.Tensor, checks: Sequence[Check]) -> None:
+    """Raise ``checks[i].error(v)`` for the first ``i`` whose value ``v = values[i]`` is bad, without stopping an
+    accelerator to read them (one copy for all the values).
+
+    - **CPU, eager:** the values are read at once and the error raised here.
+    - **CUDA, eager:** the values are copied to pinned host memory without blocking; the copy is examined, and the
       error raised, by the first :func:`raise_pending_errors` after the device has made it: every synchronising
       layer calls it at the start of its training forward and of its backward (``raise_pending_errors(wait=True)``
       waits for the device). So a peer's invalid input raises :class:`PeerInputError` at the next synchronising
@@ -156,27 +174,33 @@ def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[tor
       ahead, the peers enter the next layer's collective, which the rank with the invalid input (which raised at
       once) never joins: they then fail as for a dead peer, when that rank's process exits, or at the process
       group's timeout. Checking earlier would need the host to wait for the device at every layer.
-    - **Under torch.compile, and while a CUDA graph is being captured:** ``torch._assert_async(ok(value), message)``,
-      which the compiled graph checks without a graph break and a captured graph replays (on CPU it raises a
+    - **Under torch.compile, and while a CUDA graph is being captured:** ``torch._assert_async(ok(v), message)`` per
+      check, which the compiled graph checks without a graph break and a captured graph replays (on CPU it raises a
       RuntimeError with the message; on CUDA it is a device-side assert, which stops the process).
     """
     if torch.compiler.is_compiling() or capturing():
-        torch._assert_async(ok(value), str(error(None)))
+        for i, check in enumerate(checks):
+            torch._assert_async(check.ok(values[i]), str(check.error(None)))
         return
-    if value.device.type == "cuda":
-        host = torch.empty((), dtype=value.dtype, pin_memory=True)
-        host.copy_(value, non_blocking=True)
+    if values.device.type == "cuda":
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        _pending.append(_Pending(host, event, bad, error))
+        _pending.append(_Pending(host, event, tuple(checks)))
         return
-    v = float(value)
-    if bad(v):
-        raise error(v)
+    _raise_first(values, checks)
+
+
+def _raise_first(values: torch.Tensor, checks: Sequence[Check]) -> None:
+    for i, check in enumerate(checks):
+        v = float(values[i])
+        if check.bad(v):
+            raise check.error(v)
 
 
 def raise_pending_errors(wait: bool = False) -> None:
-    """Raise the first error :func:`require` deferred on an accelerator whose value the device has produced
+    """Raise the first error :func:`require_each` deferred on an accelerator whose values the device has produced
     (``wait=True``: wait for all of them). Pending checks that passed are dropped. A no-op on CPU, and while
     torch.compile traces or a CUDA graph is captured (the host-side queue is not part of a graph; the next eager call
     examines it)."""
@@ -189,13 +213,14 @@ def raise_pending_errors(wait: bool = False) -> None:
         elif not entry.event.query():
             return
         _pending.popleft()
-        v = float(entry.value)
-        if entry.bad(v):
+        try:
+            _raise_first(entry.value, entry.checks)
+        except BaseException:
             _pending.clear()  # the step is abandoned: later checks of it would only repeat the news
-            raise entry.error(v)
+            raise
 
 
-def global_moments(
+def all_reduce_stats(
     x: Optional[torch.Tensor],
     num_features: int,
     process_group=None,
@@ -204,9 +229,8 @@ def global_moments(
     extra: Optional[torch.Tensor] = None,
     extra_numel: Optional[int] = None,
     error: Optional[BaseException] = None,
-    layer_name: str = "layer",
-) -> tuple[Moments, Optional[torch.Tensor]]:
-    """Global per-channel moments of ``x`` over ``process_group``, with **one** all-reduce.
+) -> torch.Tensor:
+    """The fp64 vector ``[n, flag, sum x, sum x^2, payload]`` summed over ``process_group``, with **one** all-reduce.
 
     Args:
         x: this rank's ``(N, C, *)`` input (N may be 0); ignored when ``error`` is given.
@@ -216,13 +240,9 @@ def global_moments(
         extra: optional payload summed over ranks in the same collective (CBN's weight-gradient statistics).
         extra_numel: size of the payload; must be given when ``error`` is set and a payload is used.
         error: when this rank's input is invalid, the exception to raise. The rank still joins the collective with
-            the error flag set, then raises ``error``; the other ranks raise :class:`PeerInputError` (through
-            :func:`require`: at once on CPU, at the next check on an accelerator).
-        layer_name: used in error messages.
-
-    Returns:
-        ``(moments, extra_sum)``: fp64 :class:`Moments` of the union of all ranks' batches (the count a 0-d
-        tensor), and the payload summed over ranks (fp64) or None.
+            the error flag set (and zeros elsewhere), then raises ``error``; the other ranks see the flag in slot 1
+            and raise :class:`PeerInputError` (through :func:`require`: at once on CPU, at the next check on an
+            accelerator).
     """
     if extra_numel is None:
         extra_numel = 0 if extra is None else extra.numel()
@@ -237,9 +257,30 @@ def global_moments(
     stats = comm.all_reduce_sum(stats, process_group)
     if error is not None:
         raise error
+    return stats
+
+
+def global_moments(
+    x: Optional[torch.Tensor],
+    num_features: int,
+    process_group=None,
+    *,
+    layer_name: str = "layer",
+    **options,
+) -> tuple[Moments, Optional[torch.Tensor]]:
+    """Global per-channel moments of ``x`` over ``process_group``, with **one** all-reduce: :func:`all_reduce_stats`
+    with the same arguments (``options``: ``device``, ``extra``, ``extra_numel``, ``error``); ``layer_name`` is used in
+    error messages.
+
+    Returns:
+        ``(moments, extra_sum)``: fp64 :class:`Moments` of the union of all ranks' batches (the count a 0-d
+        tensor), and the payload summed over ranks (fp64) or None. A peer's invalid input raises
+        :class:`PeerInputError` through :func:`require`.
+    """
+    stats = all_reduce_stats(x, num_features, process_group, **options)
     flag = stats[1]
     require(flag, lambda v: v > 0, lambda t: t == 0, lambda v: _peer_error(layer_name, v))
-    extra_sum = stats[2 + 2 * num_features:] if extra_numel else None
+    extra_sum = stats[2 + 2 * num_features:] if stats.numel() > 2 + 2 * num_features else None
     return unpack(stats, num_features), extra_sum
 
 

@@ -12,7 +12,16 @@ launcher                   kernels (grid)                                  resul
                            ``_finish_sums``                                sum dy * (x - k)]``
 ``backward_input_triton``  ``_backward_input_kernel``                      ``dx = dy * a + (x - k) * b + c`` in coef's
                                                                            dtype, dx in x's dtype and memory format
+``forward_epilogue_triton`` ``_forward_epilogue_kernel`` (one program)     :func:`syncnorm.ops.forward_epilogue`: the
+                                                                           O(C) step between the all-reduce and
+                                                                           ``normalize``, running statistics updated
 =========================  ==============================================  ============================================
+
+**The epilogue** (``forward_epilogue``) is O(C) work: one program walks the channels in blocks, in fp64, so that
+reading the running statistics (Batch Renorm's ``r``, ``d``), updating them, and incrementing
+``num_batches_tracked`` happen in one place, in order, without a race between programs. Its float arguments are
+passed as fp64 (annotated ``tl.float64``; Triton would pass a Python float as fp32), so ``eps`` and the clip bounds are
+exact, and a clipped ``r`` equals the bound.
 
 **Layout.** Every kernel sees x as ``(N, C, S)`` (S: the spatial sizes multiplied) and walks it as *rows* of
 channels: element ``(o, r, c)`` is at ``o * stride_outer + r * stride_row + c * stride_c``. Two cases cover every
@@ -81,6 +90,9 @@ __all__ = [
     "normalize_triton",
     "backward_stats_triton",
     "backward_input_triton",
+    "forward_epilogue_triton",
+    "backward_reduce_triton",
+    "backward_apply_triton",
 ]
 
 _F64 = torch.float64
@@ -221,13 +233,15 @@ def _backward_stats_partial(dy_ptr, x_ptr, center_ptr, part_ptr, C, rows, tiles_
 
 
 @_jit
-def _finish_sums(part_ptr, x_ptr, out_ptr, C, programs, count, stride_c, SHIFTED: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _finish_sums(part_ptr, x_ptr, out_ptr, center_ptr, stats_ptr, C, programs, count, stride_c,
+                 SHIFTED: tl.constexpr, PACK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Second pass: the fp64 sums of the ``programs`` partials of each channel, added in a fixed order.
 
     ``SHIFTED`` (batch_stats): the partials are sums of ``x - k`` and ``(x - k)^2`` around ``k = x[0, c, 0]``; they
     are made raw (``sum x = s1 + n k``, ``sum x^2 = s2 + k (2 s1 + n k)``) and written after ``[n, 0]``. Otherwise
-    (backward_stats) they are written as they are, as the ``(2, C)`` output."""
+    (backward_stats) they are written as they are, as the ``(2, C)`` output; with ``PACK`` (backward_reduce) the
+    second row becomes ``sum dy * x_hat = (s2 - (mean - k) s1) * invstd`` (``k`` from ``center``, ``mean`` and
+    ``invstd`` from the forward epilogue's ``stats``)."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -252,6 +266,11 @@ def _finish_sums(part_ptr, x_ptr, out_ptr, C, programs, count, stride_c, SHIFTED
             tl.store(out_ptr, n)
             tl.store(out_ptr + 1, 0.0)  # the error flag: this rank's input is fine
     else:
+        if PACK:
+            k = _upcast(tl.load(center_ptr + cols, mask=cmask, other=0.0), tl.float64)
+            mean = tl.load(stats_ptr + 2 * C + cols, mask=cmask, other=0.0)
+            invstd = tl.load(stats_ptr + 4 * C + cols, mask=cmask, other=0.0)
+            s2 = (s2 - (mean - k) * s1) * invstd
         tl.store(out_ptr + cols, s1, mask=cmask)
         tl.store(out_ptr + C + cols, s2, mask=cmask)
 
@@ -279,18 +298,37 @@ def _normalize_kernel(x_ptr, coef_ptr, y_ptr, C, rows, tiles_per_outer, num_tile
 
 
 @_jit
-def _backward_input_kernel(dy_ptr, x_ptr, coef_ptr, dx_ptr, C, rows, tiles_per_outer, num_tiles, stride_outer,
-                           stride_row, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
-    """``dx = dy * a + (x - k) * b + c`` in coef's dtype, stored in dx's dtype (dy and dx have x's layout)."""
+def _backward_input_kernel(dy_ptr, x_ptr, coef_ptr, total_ptr, stats_ptr, count_ptr, dx_ptr, C, rows,
+                           tiles_per_outer, num_tiles, stride_outer, stride_row, stride_c, FROM_TOTAL: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """``dx = dy * a + (x - k) * b + c`` in coef's dtype, stored in dx's dtype (dy and dx have x's layout).
+
+    ``FROM_TOTAL`` (backward_apply): coef is the centre ``k`` alone, and each program forms ``a, b, c`` of its
+    channels itself, in fp64, from the summed ``total = [sum dy, sum dy x_hat]``, the count and the forward
+    epilogue's ``stats`` (``a = s``, ``b = -s invstd sum dy x_hat / n``, ``c = -s sum dy / n - b (mean - k)``)."""
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     col_off = cols.to(tl.int64) * stride_c if WIDE else cols * stride_c
-    k = tl.load(coef_ptr + cols, mask=cmask, other=0.0)[None, :]
-    a = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)[None, :]
-    b = tl.load(coef_ptr + 2 * C + cols, mask=cmask, other=0.0)[None, :]
-    c = tl.load(coef_ptr + 3 * C + cols, mask=cmask, other=0.0)[None, :]
+    k = tl.load(coef_ptr + cols, mask=cmask, other=0.0)
+    if FROM_TOTAL:
+        n = tl.maximum(tl.load(count_ptr), 1.0)
+        mean = tl.load(stats_ptr + 2 * C + cols, mask=cmask, other=0.0)
+        invstd = tl.load(stats_ptr + 4 * C + cols, mask=cmask, other=0.0)
+        s = tl.load(stats_ptr + 5 * C + cols, mask=cmask, other=0.0)
+        sum_dy = tl.load(total_ptr + cols, mask=cmask, other=0.0)
+        sum_dy_xhat = tl.load(total_ptr + C + cols, mask=cmask, other=0.0)
+        b64 = -s * invstd * sum_dy_xhat / n
+        c64 = -s * sum_dy / n - b64 * (mean - _upcast(k, tl.float64))
+        a = s.to(k.dtype)[None, :]
+        b = b64.to(k.dtype)[None, :]
+        c = c64.to(k.dtype)[None, :]
+    else:
+        a = tl.load(coef_ptr + C + cols, mask=cmask, other=0.0)[None, :]
+        b = tl.load(coef_ptr + 2 * C + cols, mask=cmask, other=0.0)[None, :]
+        c = tl.load(coef_ptr + 3 * C + cols, mask=cmask, other=0.0)[None, :]
+    k = k[None, :]
     for t in range(pid_r, num_tiles, tl.num_programs(1)):
         row_off, rmask = _tile(t, tiles_per_outer, rows, stride_outer, stride_row, BLOCK_R, WIDE)
         mask = rmask[:, None] & cmask[None, :]
@@ -299,6 +337,113 @@ def _backward_input_kernel(dy_ptr, x_ptr, coef_ptr, dx_ptr, C, rows, tiles_per_o
         v = _upcast(tl.load(x_ptr + off, mask=mask, other=0.0), k.dtype)
         dx = g * a + (v - k) * b + c
         tl.store(dx_ptr + off, _downcast(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _lerp(a, b, w):
+    """torch.lerp's formula (``a + w (b - a)`` for ``|w| < 0.5``, else ``b - (b - a) (1 - w)``)."""
+    return tl.where(tl.abs(w) < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
+
+
+@_jit
+def _forward_epilogue_kernel(total_ptr, prior_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, nbt_ptr, coef_ptr, stats_ptr,
+                             counts_ptr, C, eps: tl.float64, momentum: tl.float64, r_max: tl.float64,
+                             d_max: tl.float64,
+                             HAS_PRIOR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                             RENORM: tl.constexpr, UPDATE: tl.constexpr, HAS_NBT: tl.constexpr,
+                             CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """:func:`syncnorm.ops.forward_epilogue` in one program (grid ``(1,)``), fp64 throughout; the running statistics
+    are updated in their own dtype (fp16 / bf16 through fp32), as torch.lerp does."""
+    # the float arguments as fp64 vectors (compiled they are fp64 already; the interpreter passes Python floats,
+    # which would become fp32 constants in arithmetic)
+    eps = tl.full([BLOCK_C], eps, tl.float64)
+    momentum = tl.full([BLOCK_C], momentum, tl.float64)
+    r_max = tl.full([BLOCK_C], r_max, tl.float64)
+    d_max = tl.full([BLOCK_C], d_max, tl.float64)
+    n = tl.load(total_ptr)
+    flag = tl.load(total_ptr + 1)
+    safe_n = tl.maximum(n, 1.0)
+    if HAS_PRIOR:
+        prior_n = tl.load(prior_ptr)  # row 0 holds the prior's count in every column
+        used_n = prior_n + n
+    else:
+        prior_n = n * 0.0
+        used_n = n
+    safe_used = tl.where(used_n > 0, used_n, 1.0)
+    # a step that will raise (a rank's invalid input, one value per channel) leaves the statistics alone
+    seen = (n > 0) & (flag == 0) & (used_n != 1)
+    if HAS_NBT:
+        nbt = tl.load(nbt_ptr) + seen.to(tl.int64)
+        if UPDATE:
+            tl.store(nbt_ptr, nbt)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        m = cols < C
+        s1 = tl.load(total_ptr + 2 + cols, mask=m, other=0.0)
+        s2 = tl.load(total_ptr + 2 + C + cols, mask=m, other=0.0)
+        batch_mean = s1 / safe_n
+        batch_m2 = tl.maximum(s2 - batch_mean * s1, 0.0)
+        mean = batch_mean
+        m2 = batch_m2
+        if HAS_PRIOR:  # Chan's exact merge, the prior first
+            prior_mean = tl.load(prior_ptr + C + cols, mask=m, other=0.0)
+            prior_m2 = tl.load(prior_ptr + 2 * C + cols, mask=m, other=0.0)
+            delta = batch_mean - prior_mean
+            mean = prior_mean + delta * (n / safe_used)
+            m2 = prior_m2 + batch_m2 + delta * delta * (prior_n * n / safe_used)
+        r = tl.full([BLOCK_C], 1.0, tl.float64)
+        d = tl.full([BLOCK_C], 0.0, tl.float64)
+        if RENORM:  # against the running statistics before this step's update
+            rm = _upcast(tl.load(rm_ptr + cols, mask=m, other=0.0), tl.float64)
+            rv = _upcast(tl.load(rv_ptr + cols, mask=m, other=1.0), tl.float64)
+            batch_var = tl.where(n > 0, batch_m2 / safe_n, 0.0)
+            inv_sigma = 1.0 / tl.sqrt(rv + eps)
+            r = tl.minimum(tl.maximum(tl.sqrt(batch_var + eps) * inv_sigma, 1.0 / r_max), r_max)
+            d = tl.minimum(tl.maximum((batch_mean - rm) * inv_sigma, -d_max), d_max)
+        invstd = 1.0 / tl.sqrt(m2 / tl.maximum(used_n, 1.0) + eps)
+        w = tl.full([BLOCK_C], 1.0, tl.float64)
+        b = tl.full([BLOCK_C], 0.0, tl.float64)
+        if HAS_W:
+            w = _upcast(tl.load(w_ptr + cols, mask=m, other=1.0), tl.float64)
+        if HAS_B:
+            b = _upcast(tl.load(b_ptr + cols, mask=m, other=0.0), tl.float64)
+        scale = w * r * invstd
+        cdt = coef_ptr.dtype.element_ty
+        k = mean.to(cdt)
+        h = (b + w * d) - (mean - k.to(tl.float64)) * scale
+        tl.store(coef_ptr + cols, k, mask=m)
+        tl.store(coef_ptr + C + cols, scale.to(cdt), mask=m)
+        tl.store(coef_ptr + 2 * C + cols, h.to(cdt), mask=m)
+        tl.store(stats_ptr + cols, batch_mean, mask=m)
+        tl.store(stats_ptr + C + cols, batch_m2, mask=m)
+        tl.store(stats_ptr + 2 * C + cols, mean, mask=m)
+        tl.store(stats_ptr + 3 * C + cols, m2, mask=m)
+        tl.store(stats_ptr + 4 * C + cols, invstd, mask=m)
+        tl.store(stats_ptr + 5 * C + cols, scale, mask=m)
+        tl.store(stats_ptr + 6 * C + cols, r, mask=m)
+        tl.store(stats_ptr + 7 * C + cols, d, mask=m)
+        if UPDATE:
+            rdt = rm_ptr.dtype.element_ty
+            ops_dt = tl.float64 if rdt == tl.float64 else tl.float32  # torch.lerp's compute dtype
+            if CUMULATIVE:
+                # 1 / num_batches_tracked in the buffer's dtype, as torch computes it (through fp64 here: the
+                # interpreter converts to bf16 from fp32 only)
+                count = _upcast(_downcast(tl.cast(tl.maximum(nbt, 1), tl.float64), rdt), tl.float64)
+                factor = _upcast(_downcast(1.0 / count, rdt), ops_dt)
+            else:
+                factor = tl.cast(momentum, ops_dt)
+            old_mean = _upcast(tl.load(rm_ptr + cols, mask=m, other=0.0), ops_dt)
+            old_var = _upcast(tl.load(rv_ptr + cols, mask=m, other=0.0), ops_dt)
+            unbiased = batch_m2 / tl.maximum(n - 1.0, 1.0)
+            target_mean = _upcast(_downcast(batch_mean, rdt), ops_dt)
+            target_var = _upcast(_downcast(unbiased, rdt), ops_dt)
+            new_mean = tl.where(seen, _lerp(old_mean, target_mean, factor), old_mean)
+            new_var = tl.where(seen, _lerp(old_var, target_var, factor), old_var)
+            tl.store(rm_ptr + cols, _downcast(new_mean, rdt), mask=m)
+            tl.store(rv_ptr + cols, _downcast(new_var, rdt), mask=m)
+    tl.store(counts_ptr, n)
+    tl.store(counts_ptr + 1, flag)
+    tl.store(counts_ptr + 2, used_n)
 
 
 # ------------------------------------------------------------------------------------------------------- launchers
@@ -385,11 +530,13 @@ def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _finish(part: Tensor, x: Tensor, out: Tensor, plan: _Plan, count: int, shifted: bool) -> None:
+def _finish(part: Tensor, x: Tensor, out: Tensor, plan: _Plan, count: int, shifted: bool,
+            pack: tuple[Tensor, Tensor] | None = None) -> None:
     c = x.shape[1]
+    center, stats = (out, out) if pack is None else pack  # (not read without PACK)
     _finish_sums[(_cdiv(c, _FINISH_BLOCK_C),)](
-        part, x, out, c, plan.programs, count, plan.stride_c, SHIFTED=shifted, BLOCK_P=_FINISH_BLOCK_P,
-        BLOCK_C=_FINISH_BLOCK_C)
+        part, x, out, center, stats, c, plan.programs, count, plan.stride_c, SHIFTED=shifted, PACK=pack is not None,
+        BLOCK_P=_FINISH_BLOCK_P, BLOCK_C=_FINISH_BLOCK_C)
 
 
 def batch_stats_triton(x: Tensor, num_features: int) -> Tensor:
@@ -413,30 +560,45 @@ def batch_stats_triton(x: Tensor, num_features: int) -> Tensor:
     return out
 
 
-def backward_stats_triton(dy: Tensor, x: Tensor, center: Tensor) -> Tensor:
-    """Triton :func:`syncnorm.ops.backward_stats`: fp64 ``(2, C)`` = ``[sum dy, sum dy * (x - center)]``."""
-    _require(x, "backward_stats_triton")
+def _backward_sums(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor | None, what: str) -> Tensor:
+    """``[sum dy, sum dy * (x - center)]`` (stats None, shape (2, C)) or, packed with the forward epilogue's stats,
+    ``[sum dy, sum dy * x_hat]`` (shape (2C,))."""
+    _require(x, what)
     c = x.shape[1]
+    shape = (2, c) if stats is None else (2 * c,)
     if x.numel() == 0:
-        return torch.zeros((2, c), dtype=_F64, device=x.device)
+        return torch.zeros(shape, dtype=_F64, device=x.device)
     x, fmt = _in_layout(x)
     dy = dy.contiguous(memory_format=fmt)
     plan = _plan(x, fmt)
     # x - k and the products in the wider of center's dtype and x's accumulation dtype (the layers pass the centre in
     # the accumulation dtype, so that is just the accumulation dtype)
     acc = torch.promote_types(accumulation_dtype(x.dtype), center.dtype)
+    center = center.contiguous()
     part = torch.empty((plan.programs, 2, c), dtype=_F64, device=x.device)
-    out = torch.empty((2, c), dtype=_F64, device=x.device)
+    out = torch.empty(shape, dtype=_F64, device=x.device)
     with _on_device(x):
         _backward_stats_partial[plan.grid](
-            dy, x, center.contiguous(), part, c, *plan.geometry(), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
+            dy, x, center, part, c, *plan.geometry(), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
             ACC=_tl_dtype(acc), WIDE=plan.wide)
-        _finish(part, x, out, plan, 0, shifted=False)
+        _finish(part, x, out, plan, 0, shifted=False, pack=None if stats is None else (center, stats.contiguous()))
     return out
 
 
-def _elementwise(kernel, tensors: tuple[Tensor, ...], x: Tensor, coef: Tensor, what: str) -> Tensor:
-    """Run ``kernel(*tensors_in_x_layout, x, coef, out, ...)``: the output in x's dtype and memory format."""
+def backward_stats_triton(dy: Tensor, x: Tensor, center: Tensor) -> Tensor:
+    """Triton :func:`syncnorm.ops.backward_stats`: fp64 ``(2, C)`` = ``[sum dy, sum dy * (x - center)]``."""
+    return _backward_sums(dy, x, center, None, "backward_stats_triton")
+
+
+def backward_reduce_triton(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor) -> Tensor:
+    """Triton :func:`syncnorm.ops.backward_reduce`: fp64 ``(2C,)`` = ``[sum dy, sum dy * x_hat]``, packed by the
+    second kernel (the same two kernels as backward_stats)."""
+    return _backward_sums(dy, x, center, stats, "backward_reduce_triton")
+
+
+def _elementwise(kernel, tensors: tuple[Tensor, ...], x: Tensor, coef: Tensor, what: str, extra: tuple = (),
+                 **flags) -> Tensor:
+    """Run ``kernel(*tensors_in_x_layout, x, coef, *extra, out, ...)``: the output in x's dtype and memory format."""
     _require(x, what)
     out = torch.empty_like(x, memory_format=_memory_format(x))
     if x.numel() == 0:
@@ -446,8 +608,8 @@ def _elementwise(kernel, tensors: tuple[Tensor, ...], x: Tensor, coef: Tensor, w
     plan = _plan(x, fmt)
     _tl_dtype(coef.dtype)  # (the compute dtype: a float type)
     with _on_device(x):
-        kernel[plan.grid](*tensors, x, coef.contiguous(), out, x.shape[1], *plan.geometry(), BLOCK_R=plan.block_r,
-                          BLOCK_C=plan.block_c, WIDE=plan.wide)
+        kernel[plan.grid](*tensors, x, coef.contiguous(), *extra, out, x.shape[1], *plan.geometry(), **flags,
+                          BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, WIDE=plan.wide)
     return out
 
 
@@ -458,7 +620,56 @@ def normalize_triton(x: Tensor, coef: Tensor) -> Tensor:
 
 def backward_input_triton(dy: Tensor, x: Tensor, coef: Tensor) -> Tensor:
     """Triton :func:`syncnorm.ops.backward_input`: ``dx = dy * a + (x - k) * b + c`` with ``coef = [k, a, b, c]``."""
-    return _elementwise(_backward_input_kernel, (dy,), x, coef, "backward_input_triton")
+    return _elementwise(_backward_input_kernel, (dy,), x, coef, "backward_input_triton", extra=(coef,) * 3,
+                        FROM_TOTAL=False)  # (the extra pointers are not read)
+
+
+def backward_apply_triton(dy: Tensor, x: Tensor, total: Tensor, center: Tensor, stats: Tensor,
+                          count: Tensor) -> Tensor:
+    """Triton :func:`syncnorm.ops.backward_apply`: one kernel, whose programs form their channels' ``a, b, c`` from
+    the summed vector themselves."""
+    return _elementwise(_backward_input_kernel, (dy,), x, center, "backward_apply_triton",
+                        extra=(total.contiguous(), stats.contiguous(), count.reshape(1)), FROM_TOTAL=True)
+
+
+# channels one pass of the epilogue's program takes
+_EPILOGUE_BLOCK_C = 256
+
+
+def forward_epilogue_triton(total: Tensor, prior, weight, bias, running_mean, running_var, num_batches_tracked,
+                            eps: float, momentum, renorm: bool, r_max: float, d_max: float,
+                            compute_dtype: torch.dtype):
+    """Triton :func:`syncnorm.ops.forward_epilogue`: ``(coef, stats, counts)``, the running statistics updated in
+    place."""
+    if triton is None:
+        raise RuntimeError(f"syncnorm.triton_ops.forward_epilogue_triton: triton could not be imported ({_IMPORT_ERROR})")
+    C = (total.shape[0] - 2) // 2
+    if renorm and (running_mean is None or running_var is None):
+        raise ValueError("syncnorm.triton_ops.forward_epilogue_triton: renorm needs running_mean and running_var")
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var),
+                      ("num_batches_tracked", num_batches_tracked)):
+        if buf is not None and not buf.is_contiguous():
+            raise ValueError(f"syncnorm.triton_ops.forward_epilogue_triton: {name} must be contiguous (it is updated "
+                             "in place)")
+    device = total.device
+    total = total.contiguous()
+    coef = torch.empty((3, C), dtype=compute_dtype, device=device)
+    stats = torch.empty((8, C), dtype=_F64, device=device)
+    counts = torch.empty(3, dtype=_F64, device=device)
+    update = running_mean is not None and (momentum is not None or num_batches_tracked is not None)
+    dummy = total  # for the pointers a constexpr flag says are not read
+    _tl_dtype(compute_dtype)
+    with _on_device(total):
+        _forward_epilogue_kernel[(1,)](
+            total, dummy if prior is None else prior.contiguous(), dummy if weight is None else weight.contiguous(),
+            dummy if bias is None else bias.contiguous(), dummy if running_mean is None else running_mean,
+            dummy if running_var is None else running_var,
+            dummy if num_batches_tracked is None else num_batches_tracked, coef, stats, counts, C, float(eps),
+            0.0 if momentum is None else float(momentum), float(r_max), float(d_max),
+            HAS_PRIOR=prior is not None, HAS_W=weight is not None, HAS_B=bias is not None, RENORM=bool(renorm),
+            UPDATE=update, HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None,
+            BLOCK_C=min(_pow2(C), _EPILOGUE_BLOCK_C))
+    return coef, stats, counts
 
 
 def interpreted() -> bool:

@@ -34,6 +34,7 @@ one (inductor's C++ kernel builds dominate; more on a loaded machine).
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 import pytest
@@ -171,6 +172,17 @@ def _case(rank: int, target: str, backend: str, ref: dict) -> dict:
 
     model = syncnorm.convert(_net(), target, **TARGETS[target]).train()
     eager = copy.deepcopy(model)  # the eager twin
+    lookups = []  # the pair registry looked up while dynamo traces: its guards would follow every pair ever made
+    import syncnorm.layers.cross_iteration as cbn_module
+
+    real_owner_of = cbn_module._owner_of
+
+    def owner_of_spy(conv, __real=real_owner_of):
+        if torch.compiler.is_compiling():
+            lookups.append(1)
+        return __real(conv)
+
+    cbn_module._owner_of = owner_of_spy
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     models = {"eager": (eager, eager), "compiled": (compiled, model)}
     opts = {k: torch.optim.SGD(m.parameters(), lr=LR) for k, (_, m) in models.items()}
@@ -180,6 +192,10 @@ def _case(rank: int, target: str, backend: str, ref: dict) -> dict:
         last = step == STEPS - 1
         x_full, g_full = _global_batch(step)
         x, g = _rank_slice(x_full, rank).float(), _rank_slice(g_full, rank).float()
+        if target == "cross_iteration":
+            # pairs created and collected elsewhere change nothing the compiled graph depends on (no recompile)
+            syncnorm.CrossIterationBatchNorm(4).attach(nn.Conv2d(2, 4, 1))
+            gc.collect()
         ys, grads = {}, {}
         for which, (call, m) in models.items():
             opts[which].zero_grad()
@@ -226,6 +242,8 @@ def _case(rank: int, target: str, backend: str, ref: dict) -> dict:
             if target == "renorm":
                 info = model[1].last_info
                 out["renorm_active"] = bool((info.r != 1).any() or (info.d != 0).any())
+    cbn_module._owner_of = real_owner_of
+    out["registry_lookups_while_compiling"] = len(lookups)
     out["state_keys"] = sorted(model.state_dict())
     out["num_batches_tracked"] = [int(model[i].num_batches_tracked) for i in BN_LAYERS]
     if target == "cross_iteration":
@@ -274,6 +292,7 @@ def test_no_graph_break_and_one_graph(compile_results, target, backend):
         where = f"rank {rank}, {target}/{backend}"
         assert c["graph_break"] == {}, f"{where}: graph breaks {c['graph_break']}"
         assert c["recompiles"] == {}, f"{where}: recompiles {c['recompiles']}"
+        assert res[(target, backend)]["registry_lookups_while_compiling"] == 0, where
         assert c["stats"].get("unique_graphs") == 1, f"{where}: dynamo stats {c['stats']}"
         # "total" may exceed 1: dynamo restarts an analysis to tensorify float scalars (not a graph break)
         assert c["aot_autograd"].get("ok") == 1 and not c["aot_autograd"].get("not_ok"), \

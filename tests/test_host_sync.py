@@ -4,9 +4,13 @@ to the host (``.item()``, ``float(t)``, ``if t:``, boolean-mask indexing, ``nonz
 On CUDA such a read stops the host until the device catches up; the GPU check (tests/test_cuda.py) runs a step under
 ``torch.cuda.set_sync_debug_mode("error")``. Here the same property is checked on CPU tensors, where a dispatch mode
 sees every aten op a step issues. On CPU :func:`syncnorm.stats.require` reads its value at once by design (it costs
-nothing there), so the test swaps it for its accelerator / compiled form (``torch._assert_async``), which needs no host
+nothing there), so the test swaps it (``require_each``, which ``require`` calls) for its accelerator / compiled form
+(``torch._assert_async``), which needs no host
 read. Every layer is covered, over several steps: SyncBatchNorm, BatchRenorm with clipping, CmBN over a 2-step window,
 and CBN through burn-in, recording and compensated pooling (with ``set_step`` and a checkpoint reload in between).
+
+Blind spot: ``.tolist()`` and ``.numpy()`` read a CPU tensor's memory without an aten op, so the probe cannot see them
+(on CUDA tensors they start with a device-to-host copy, which it would see); syncnorm's layers call neither.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import syncnorm
 from syncnorm import functional, ops, stats
 
-_cpu_require = stats.require  # the CPU form, which reads its value at once
+_cpu_require_each = stats.require_each  # the CPU form, which reads its values at once
 
 aten = torch.ops.aten
 # ops whose result needs a device value on the host (or a host-visible, data-dependent shape)
@@ -47,14 +51,15 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _device_style_require(value, bad, ok, error):
-    torch._assert_async(ok(value), str(error(None)))
+def _device_style_require_each(values, checks):
+    for i, check in enumerate(checks):
+        torch._assert_async(check.ok(values[i]), str(check.error(None)))
 
 
 @pytest.fixture
 def deferred_checks(monkeypatch):
-    monkeypatch.setattr(stats, "require", _device_style_require)
-    monkeypatch.setattr(functional, "require", _device_style_require)
+    monkeypatch.setattr(stats, "require_each", _device_style_require_each)
+    monkeypatch.setattr(functional, "require_each", _device_style_require_each)
 
 
 def _net(target: str, **kwargs) -> nn.Module:
@@ -109,11 +114,11 @@ def test_the_probe_sees_host_reads(deferred_checks):
         bool(t[0] > 1)
         t[t > 1].sum()
     assert len(probe.reads) == 3, probe.reads
-    # the CPU form of require reads its value (which is why this file swaps it); the device form does not
-    check = (t.sum(), lambda v: v < 0, lambda s: s >= 0, lambda v: ValueError("negative"))
+    # the CPU form of require_each reads its values (which is why this file swaps it); the device form does not
+    check = (t.sum().reshape(1), [stats.Check(lambda v: v < 0, lambda s: s >= 0, lambda v: ValueError("negative"))])
     with _HostReads() as probe:
-        _cpu_require(*check)
+        _cpu_require_each(*check)
     assert len(probe.reads) == 1, probe.reads
     with _HostReads() as probe:
-        stats.require(*check)
+        stats.require_each(*check)
     assert probe.reads == []

@@ -498,3 +498,200 @@ def test_set_kernels_enabled_returns_previous():
         assert ops.kernels_enabled()
     finally:
         ops.set_kernels_enabled(before)
+
+
+# ------------------------------------------------------------------------------------------- forward_epilogue
+
+def epilogue_case(*, prior: bool, affine: bool, running: bool, momentum, renorm: bool, n: int = 9, flag: float = 0.0,
+                  compute_dtype=torch.float32, running_dtype=torch.float32, seed: int = 0) -> dict:
+    """Raw data of a forward_epilogue call: this step's (global) batch ``x`` (n, C) and the prior's values ``p``, the
+    summed vector and the prior moments built from them, parameters and running statistics."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, C, generator=g, dtype=F64) * 2 + 3
+    p = torch.randn(4, C, generator=g, dtype=F64) * 1.5 - 1
+    total = torch.zeros(2 + 2 * C, dtype=F64)
+    total[0], total[1] = n, flag
+    total[2:2 + C], total[2 + C:] = x.sum(0), x.square().sum(0)
+    prior_t = None
+    if prior:
+        pm = p.mean(0)
+        prior_t = torch.stack([torch.full((C,), float(p.shape[0]), dtype=F64), pm, (p - pm).square().sum(0)])
+    args = {
+        "total": total, "prior": prior_t,
+        "weight": (torch.rand(C, generator=g) + 0.5) if affine else None,
+        "bias": torch.randn(C, generator=g) if affine else None,
+        "running_mean": (torch.randn(C, generator=g) * 0.5).to(running_dtype) if running else None,
+        "running_var": (torch.rand(C, generator=g) + 0.5).to(running_dtype) if running else None,
+        "num_batches_tracked": torch.tensor(3) if running else None,
+        "eps": 1e-5, "momentum": momentum, "renorm": renorm, "r_max": 1.25, "d_max": 0.5,
+        "compute_dtype": compute_dtype,
+    }
+    return {"x": x, "p": p, "args": args}
+
+
+def epilogue_call(fn, case: dict):
+    """Call ``fn`` on a copy of the case's arguments; returns its outputs and the running statistics after."""
+    a = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case["args"].items()}
+    out = fn(*a.values())
+    return out, (a["running_mean"], a["running_var"], a["num_batches_tracked"])
+
+
+EPILOGUE_CASES = {
+    "plain": {"prior": False, "affine": True, "running": True, "momentum": 0.1, "renorm": False},
+    "no-affine-no-running": {"prior": False, "affine": False, "running": False, "momentum": 0.1, "renorm": False},
+    "prior": {"prior": True, "affine": True, "running": True, "momentum": 0.1, "renorm": False},
+    "renorm": {"prior": False, "affine": True, "running": True, "momentum": 0.1, "renorm": True},
+    "renorm-prior-cumulative": {"prior": True, "affine": True, "running": True, "momentum": None, "renorm": True},
+    "fp64": {"prior": True, "affine": True, "running": True, "momentum": 0.1, "renorm": True,
+             "compute_dtype": F64, "running_dtype": F64},
+    "fp16-running": {"prior": False, "affine": True, "running": True, "momentum": None, "renorm": True,
+                     "running_dtype": torch.float16},
+    "empty-batch": {"prior": True, "affine": True, "running": True, "momentum": 0.1, "renorm": True, "n": 0},
+    "one-value": {"prior": False, "affine": True, "running": True, "momentum": 0.1, "renorm": False, "n": 1},
+    "peer-flag": {"prior": False, "affine": True, "running": True, "momentum": None, "renorm": False, "flag": 1.0},
+}
+
+
+@pytest.mark.parametrize("case", list(EPILOGUE_CASES))
+def test_forward_epilogue_semantics(case):
+    """The reference against first principles in float64: the moments of the concatenated values (prior's and
+    batch's), Batch Renorm's r and d, BatchNorm's constants, and the running statistics exactly as
+    ``F.batch_norm(training=True)`` updates them on the batch (nothing updated for a step that raises)."""
+    spec = EPILOGUE_CASES[case]
+    c = epilogue_case(**spec)
+    a = c["args"]
+    (coef, stats, counts), (rm, rv, nbt) = epilogue_call(ops.forward_epilogue_reference, c)
+    x, p = c["x"], c["p"]
+    used = torch.cat([p, x]) if spec["prior"] else x
+    n, nu = x.shape[0], used.shape[0]
+    assert counts.tolist() == [n, spec.get("flag", 0.0), nu]
+    tol = {"rtol": 1e-12, "atol": 1e-12}
+    mean_u = used.mean(0) if nu else torch.zeros(C, dtype=F64)
+    m2_u = (used - mean_u).square().sum(0)
+    torch.testing.assert_close(stats[2], mean_u, **tol)
+    torch.testing.assert_close(stats[3], m2_u, **tol)
+    invstd = torch.rsqrt(m2_u / max(nu, 1) + a["eps"])
+    torch.testing.assert_close(stats[4], invstd, **tol)
+    r, d = torch.ones(C, dtype=F64), torch.zeros(C, dtype=F64)
+    if spec["renorm"]:
+        mean_b = x.mean(0) if n else torch.zeros(C, dtype=F64)
+        var_b = x.var(0, unbiased=False) if n else torch.zeros(C, dtype=F64)
+        sigma = torch.sqrt(a["running_var"].to(F64) + a["eps"])
+        r = (torch.sqrt(var_b + a["eps"]) / sigma).clamp(1 / a["r_max"], a["r_max"])
+        d = ((mean_b - a["running_mean"].to(F64)) / sigma).clamp(-a["d_max"], a["d_max"])
+        assert ((r == a["r_max"]) | (r == 1 / a["r_max"])).any() or n == 0, "the case clips nothing"
+    torch.testing.assert_close(stats[6], r, **tol)
+    torch.testing.assert_close(stats[7], d, **tol)
+    w = torch.ones(C, dtype=F64) if a["weight"] is None else a["weight"].to(F64)
+    b = torch.zeros(C, dtype=F64) if a["bias"] is None else a["bias"].to(F64)
+    # y = (x - mean) * invstd * w * r + w * d + b  ==  (x - k) * s + h
+    cd = spec.get("compute_dtype", torch.float32)
+    s, h = w * r * invstd, b + w * d - (mean_u - coef[0].to(F64)) * w * r * invstd
+    ctol = {"rtol": 2 * eps(cd), "atol": 2 * eps(cd) * float(h.abs().max())}
+    torch.testing.assert_close(coef[0].to(F64), mean_u, rtol=eps(cd), atol=tol["atol"])  # k: the mean, rounded
+    torch.testing.assert_close(coef[1].to(F64), s, **ctol)
+    torch.testing.assert_close(coef[2].to(F64), h, **ctol)
+    if a["running_mean"] is None:
+        return
+    ref_rm, ref_rv = a["running_mean"].clone(), a["running_var"].clone()
+    raises = spec.get("flag", 0.0) > 0 or nu == 1
+    if n and not raises:
+        momentum = spec["momentum"] if spec["momentum"] is not None else 1.0 / (int(a["num_batches_tracked"]) + 1)
+        torch.nn.functional.batch_norm(x.to(ref_rm.dtype), ref_rm, ref_rv, training=True, momentum=momentum)
+    rdt = ref_rm.dtype
+    torch.testing.assert_close(rm, ref_rm, rtol=2 * eps(rdt), atol=2 * eps(rdt))
+    torch.testing.assert_close(rv, ref_rv, rtol=2 * eps(rdt), atol=2 * eps(rdt))
+    assert int(nbt) == 3 + (1 if n and not raises else 0)
+
+
+@pytest.mark.parametrize("case", ["plain", "renorm-prior-cumulative", "no-affine-no-running"])
+def test_forward_epilogue_opcheck(case):
+    c = epilogue_case(**EPILOGUE_CASES[case])
+    result = torch.library.opcheck(ops.forward_epilogue, tuple(c["args"].values()))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ------------------------------------------------------------------------ backward_reduce and backward_apply
+
+def backward_case(x: torch.Tensor, seed: int = 1) -> dict:
+    """dy, the forward epilogue's stats (mean near the data's, invstd, scale), the centre (the mean rounded to the
+    accumulation dtype), a summed total (this batch's sums, times 3: three ranks alike) and its count."""
+    g = torch.Generator().manual_seed(seed + 200)
+    c = x.shape[1]
+    dy = torch.randn(x.shape, generator=g, dtype=F64).to(x.dtype)
+    stats = torch.randn(8, c, generator=g, dtype=F64)
+    mean = x.to(F64).mean(dims_of(x)) if x.numel() else torch.zeros(c, dtype=F64)
+    stats[2] = mean + 0.01 * torch.randn(c, generator=g, dtype=F64)
+    stats[4] = torch.rand(c, generator=g, dtype=F64) + 0.5
+    stats[5] = torch.rand(c, generator=g, dtype=F64) + 0.5
+    center = stats[2].to(acc_dtype(x.dtype))
+    n = x.numel() // c
+    total = torch.cat([torch.randn(c, generator=g, dtype=F64), torch.randn(c, generator=g, dtype=F64)]) * n
+    return {"dy": dy, "x": x, "center": center, "stats": stats, "total": total,
+            "count": torch.tensor(float(3 * n), dtype=F64)}
+
+
+def backward_reduce_semantics(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """[sum dy, sum dy * (x - mean) * invstd] in float64, and the error scale of each sum (module docstring: the
+    sum of |terms|, of the sums around k and of the (mean - k) correction)."""
+    x, dims = b["x"], dims_of(b["x"])
+    mean, invstd = b["stats"][2], b["stats"][4]
+    g = b["dy"].to(F64)
+    xc = x.to(F64) - per_channel(b["center"].to(F64), x.dim())
+    exact = torch.cat([g.sum(dims), (g * (x.to(F64) - per_channel(mean, x.dim()))).sum(dims) * invstd])
+    shift = (mean - b["center"].to(F64)).abs()
+    scale = torch.cat([g.abs().sum(dims), ((g * xc).abs().sum(dims) + shift * g.abs().sum(dims)) * invstd])
+    return exact, scale
+
+
+def backward_apply_semantics(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx = s * (dy - (sum dy + x_hat * sum dy x_hat) / n) in float64, and the largest intermediate."""
+    x, c = b["x"], b["x"].shape[1]
+    mean, invstd, s = (per_channel(b["stats"][i], x.dim()) for i in (2, 4, 5))
+    t1, t2 = (per_channel(t, x.dim()) for t in (b["total"][:c], b["total"][c:]))
+    n = max(float(b["count"]), 1.0)
+    xhat = (x.to(F64) - mean) * invstd
+    dy = b["dy"].to(F64)
+    dx = s * (dy - (t1 + xhat * t2) / n)
+    mag = ((dy * s).abs() + (s * xhat * t2 / n).abs() + (s * t1 / n).abs()).amax() if x.numel() else \
+        torch.zeros((), dtype=F64)
+    return dx, mag
+
+
+def check_backward_pair(reduce_fn, apply_fn, b: dict, label: str) -> None:
+    """``reduce_fn`` / ``apply_fn`` (an implementation of backward_reduce / backward_apply) against float64."""
+    x = b["x"]
+    n = x.numel() // x.shape[1]
+    out = reduce_fn(b["dy"], x, b["center"], b["stats"])
+    exact, scale = backward_reduce_semantics(b)
+    assert out.dtype == F64 and out.shape == (2 * x.shape[1],), (label, out.dtype, out.shape)
+    # the (mean - k) correction adds one fp64 product per channel: within the "+ 4" of sum_tol
+    assert_sums_close(out, exact, scale, sum_tol(x.dtype, n), f"{label} backward_reduce")
+    dx = apply_fn(b["dy"], x, b["total"], b["center"], b["stats"], b["count"])
+    exact, mag = backward_apply_semantics(b)
+    check_output_meta("backward_input", (b["dy"], x, None), dx, f"{label} backward_apply")
+    rtol, atol = elementwise_tol(x.dtype, float(mag))
+    torch.testing.assert_close(dx.to(F64), exact, rtol=rtol, atol=atol, msg=lambda m: f"{label} backward_apply: {m}")
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernel", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_backward_reduce_and_apply(layout, dtype, kernels):
+    """The two backward ops the layers run (the data passes of backward_stats / backward_input with their O(C)
+    packing and constants), on the C++ path and the reference, against float64; an empty batch gives zeros."""
+    for n in (None, 0):
+        b = backward_case(make_input(layout, dtype, n=n, seed=zlib.crc32(layout.encode()) % 1000))
+        with ops.use_kernels(kernels):
+            check_backward_pair(ops.backward_reduce, ops.backward_apply, b, f"{layout} {dtype} N={n}")
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernel", "reference"])
+@pytest.mark.parametrize("inp", list(OPCHECK_INPUTS))
+def test_backward_reduce_and_apply_opcheck(inp, kernels):
+    b = backward_case(OPCHECK_INPUTS[inp]())
+    with ops.use_kernels(kernels):
+        for op, args in ((ops.backward_reduce, (b["dy"], b["x"], b["center"], b["stats"])),
+                         (ops.backward_apply, (b["dy"], b["x"], b["total"], b["center"], b["stats"], b["count"]))):
+            result = torch.library.opcheck(op, args)
+            assert all(v == "SUCCESS" for v in result.values()), (op, result)

@@ -26,8 +26,8 @@ class _Event:
 
 def _pend(value: float, done: bool) -> _Event:
     event = _Event(done)
-    stats._pending.append(stats._Pending(torch.tensor(value), event, lambda v: v > 0,
-                                         lambda v: PeerInputError(f"flag {v}")))
+    check = stats.Check(lambda v: v > 0, lambda t: t == 0, lambda v: PeerInputError(f"flag {v}"))
+    stats._pending.append(stats._Pending(torch.tensor([value]), event, (check,)))
     return event
 
 

@@ -65,6 +65,11 @@ import syncnorm  # noqa: E402
 from syncnorm import ops  # noqa: E402
 from tests.dist.harness import run_distributed  # noqa: E402
 from tests.test_ops import (  # noqa: E402
+    EPILOGUE_CASES,
+    backward_case,
+    check_backward_pair,
+    epilogue_call,
+    epilogue_case,
     F64,
     _arrange,
     check_against,
@@ -78,6 +83,8 @@ from tests.test_ops import (  # noqa: E402
 )
 
 OPS = ["batch_stats", "normalize", "backward_stats", "backward_input"]
+# the ops a layer's training step runs (the Triton launchers the 2-rank world counts)
+LAYER_OPS = ["batch_stats", "forward_epilogue", "normalize", "backward_reduce", "backward_apply"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
 C = 5
@@ -297,6 +304,8 @@ def _compile_for_sm90(kernel, args: tuple, kwargs: dict) -> None:
         value = bound[name]
         kind, attr = ("constexpr", None) if param.is_constexpr else native_specialize_impl(backend, value, False, True,
                                                                                              True)
+        if not param.is_constexpr and param.annotation_type:  # an annotated scalar (fp64): what a launch passes
+            kind, attr = param.annotation_type, None
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = value
@@ -317,7 +326,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
     except ImportError as e:
         pytest.skip(f"this triton has no NVIDIA backend or another layout of its internals ({e})")
     kernel_names = ["_batch_stats_partial", "_backward_stats_partial", "_finish_sums", "_normalize_kernel",
-                    "_backward_input_kernel"]
+                    "_backward_input_kernel", "_forward_epilogue_kernel"]
     cases = [(_arrange((1, 3), None, torch.float32, 0.0, 1.0, 0), False),  # count 1, rows 1
              (_arrange((2, 1, 5), None, torch.bfloat16, 0.0, 1.0, 0), False),  # C = 1
              (_arrange((3, 5, 7, 9), None, torch.float16, 0.0, 1.0, 0), False),
@@ -333,6 +342,13 @@ def test_kernels_compile_for_sm90(monkeypatch):
             monkeypatch.setattr(compiled, "_plan", lambda *a, __wide=wide: plan(*a)._replace(wide=__wide))
             for name in OPS:
                 getattr(compiled, f"{name}_triton")(*make_args(name, x))
+        for case in EPILOGUE_CASES:  # every combination of the epilogue's flags the layers use
+            epilogue_call(compiled.forward_epilogue_triton, epilogue_case(**EPILOGUE_CASES[case]))
+        for x, wide in cases:
+            monkeypatch.setattr(compiled, "_plan", lambda *a, __wide=wide: plan(*a)._replace(wide=__wide))
+            b = backward_case(x)
+            compiled.backward_reduce_triton(b["dy"], x, b["center"], b["stats"])
+            compiled.backward_apply_triton(b["dy"], x, b["total"], b["center"], b["stats"], b["count"])
         assert {call[0] for call in calls} == set(kernel_names)
         seen = set()
         for name, grid, args, kwargs in calls:
@@ -503,6 +519,68 @@ def test_opcheck_with_triton_forced(tops, name, inp):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+# ------------------------------------------------------------------------------------------- forward_epilogue
+
+
+@pytest.mark.parametrize("blocks", ["default", "tiny"])
+@pytest.mark.parametrize("case", list(EPILOGUE_CASES))
+def test_forward_epilogue_triton_matches_reference(tops, monkeypatch, case, blocks):
+    """The one-program epilogue kernel against the reference (which tests/test_ops.py checks against first
+    principles): fp64 statistics to a few ulps, the constants and the running statistics to 2 ulps of their dtype
+    (a GPU may contract a multiply-add into an FMA), the counts and num_batches_tracked exactly; "tiny" walks the
+    channels in blocks of 2 (several passes, a partial last block)."""
+    if blocks == "tiny":
+        monkeypatch.setattr(tops, "_EPILOGUE_BLOCK_C", 2)
+    c = epilogue_case(**EPILOGUE_CASES[case], seed=7)
+    (coef_r, stats_r, counts_r), running_r = epilogue_call(ops.forward_epilogue_reference, c)
+    (coef_t, stats_t, counts_t), running_t = epilogue_call(tops.forward_epilogue_triton, c)
+    torch.testing.assert_close(counts_t, counts_r, rtol=0, atol=0)
+    torch.testing.assert_close(stats_t, stats_r, rtol=8 * eps(F64), atol=8 * eps(F64))
+    cd = coef_r.dtype
+    torch.testing.assert_close(coef_t, coef_r, rtol=2 * eps(cd), atol=2 * eps(cd) * float(coef_r.abs().max()))
+    for got, want in zip(running_t, running_r):
+        if want is None:
+            assert got is None
+        elif want.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=2 * eps(want.dtype), atol=2 * eps(want.dtype))
+        else:
+            assert int(got) == int(want)
+
+
+@pytest.mark.parametrize("case", ["renorm-prior-cumulative", "no-affine-no-running", "fp16-running"])
+def test_forward_epilogue_opcheck_with_triton_forced(tops, case):
+    c = epilogue_case(**EPILOGUE_CASES[case])
+    with ops.use_triton(True):
+        result = torch.library.opcheck(ops.forward_epilogue, tuple(c["args"].values()))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+BACKWARD_PAIR_CASES = [(layout, dtype, "default") for layout in LAYOUTS for dtype in DTYPES] + [
+    (layout, dtype, "tiny") for layout in LAYOUTS for dtype in TINY_BLOCK_DTYPES]
+
+
+@pytest.mark.parametrize("layout, dtype, blocks", BACKWARD_PAIR_CASES,
+                         ids=[f"{lay}-{str(dt)[6:]}-{b}" for lay, dt, b in BACKWARD_PAIR_CASES])
+def test_backward_reduce_and_apply_triton(tops, monkeypatch, layout, dtype, blocks):
+    """backward_reduce (the backward_stats kernels, packed by the second one) and backward_apply (one kernel whose
+    programs form a, b, c from the summed vector) against float64, with tests/test_ops.py's bounds; also empty."""
+    if blocks == "tiny":
+        use_blocks(tops, monkeypatch, blocks)
+    for n in (None, 0):
+        b = backward_case(make_input(layout, dtype, n=n, seed=5))
+        check_backward_pair(tops.backward_reduce_triton, tops.backward_apply_triton, b, f"{layout} {dtype} N={n}")
+
+
+@pytest.mark.parametrize("inp", ["fp32-nchw", "bf16-channels_last", "fp32-empty-channels_last_3d"])
+def test_backward_reduce_and_apply_opcheck_with_triton_forced(tops, inp):
+    b = backward_case(OPCHECK_INPUTS[inp]())
+    with ops.use_triton(True):
+        for op, args in ((ops.backward_reduce, (b["dy"], b["x"], b["center"], b["stats"])),
+                         (ops.backward_apply, (b["dy"], b["x"], b["total"], b["center"], b["stats"], b["count"]))):
+            result = torch.library.opcheck(op, args)
+            assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
 # ------------------------------------------------------------------------------- a 2-rank world on the Triton path
 
 
@@ -515,8 +593,8 @@ def _triton_world(rank: int, world: int) -> dict:
     results: dict = {}
     solo = syncnorm.comm.new_groups(1)  # the single-process references of the CBN / CmBN oracles
     with triton_ops_module(interpret=True) as module, ops.use_triton(True):
-        calls = {name: 0 for name in OPS}
-        for name in OPS:
+        calls = {name: 0 for name in LAYER_OPS}
+        for name in LAYER_OPS:
             real = getattr(module, f"{name}_triton")
 
             def counted(*args, __real=real, __name=name):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..functional import NormInfo, RenormBounds, check_input, train_step
+from ..functional import NormInfo, check_input, train_step
 from .sync_batchnorm import GlobalStatsBatchNorm
 
 __all__ = ["BatchRenorm"]
@@ -146,13 +146,12 @@ class BatchRenorm(GlobalStatsBatchNorm):
         r_max, d_max = self._r_max, self._d_max
         # r_max = 1, d_max = 0 pins r = 1 and d = 0: that is SyncBatchNorm, so the renorm arithmetic is skipped
         plain = r_max == 1.0 and d_max == 0.0
-        # r and d read the running statistics before train_step's update changes them in place
-        bounds = None if plain else RenormBounds(self.running_mean, self.running_var, self.eps, r_max, d_max)
+        # (r and d are computed from the running statistics before train_step's update changes them in place)
         err = check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
         y, info = train_step(
             input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
             eps=self.eps, momentum=self.momentum, num_features=self.num_features, process_group=self.process_group,
-            layer_name=self.layer_name, renorm=bounds, error=err,
+            layer_name=self.layer_name, renorm=None if plain else (r_max, d_max), error=err,
         )
         if plain:
             info.r = torch.ones_like(info.batch.mean)

@@ -24,13 +24,17 @@ _HISTORY_ORDER = ("history_count", "history_mean", "history_var", "history_mean_
                   "history_compensable", "history_dmean", "history_dvar", "history_next", "history_filled", "step")
 
 
+_CAPTURING = "_syncnorm_cbn_capturing"  # attribute of the conv: True while its paired layer is in training mode
+
+
 def _capture_conv_input(conv: nn.Module, inputs: tuple, output) -> None:
-    # Module-level and stateless, so deep copies / pickles of the conv carry no reference to a norm layer.
-    # The input is kept only while the paired layer trains, which reads (and drops) it in its own forward right
-    # after; in training the conv's autograd graph keeps that input alive anyway. The conv's own mode does not
-    # matter: a conv in eval mode (a frozen backbone) under no_grad still feeds a training CBN.
-    owner = _owner_of(conv)
-    if owner is not None and owner.training:
+    # Module-level and stateless, so deep copies / pickles of the conv carry no reference to a norm layer (only a
+    # bool, which the paired layer keeps equal to its own training mode). The input is kept only while the paired
+    # layer trains, which reads (and drops) it in its own forward right after; in training the conv's autograd graph
+    # keeps that input alive anyway. The conv's own mode does not matter: a conv in eval mode (a frozen backbone)
+    # under no_grad still feeds a training CBN. (No lookup of the owner here: under torch.compile that would guard on
+    # the global registry of pairs, which changes whenever any layer is created or collected.)
+    if conv.__dict__.get(_CAPTURING, False):
         conv.__dict__[_CAPTURED] = inputs[0]
 
 
@@ -58,6 +62,7 @@ def _remove_capture_hook(conv: nn.Module) -> None:
     for key in [k for k, fn in conv._forward_hooks.items() if fn is _capture_conv_input]:
         del conv._forward_hooks[key]
     conv.__dict__.pop(_CAPTURED, None)
+    conv.__dict__.pop(_CAPTURING, None)
 
 
 class CrossIterationBatchNorm(GlobalStatsBatchNorm):
@@ -231,6 +236,7 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         self.detach()
         _remove_capture_hook(conv)  # a hook left by a layer that no longer exists, or copied with the conv
         conv.register_forward_hook(_capture_conv_input)
+        conv.__dict__[_CAPTURING] = self.training
         self._conv = [conv]
         _OWNERS[conv] = weakref.ref(self)
         dmean_shape, dvar_shape = self._grad_shapes(conv)
@@ -239,6 +245,14 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             self.history_dmean = torch.zeros(dmean_shape, dtype=dtype, device=self.history_count.device)
             self.history_dvar = torch.zeros(dvar_shape, dtype=dtype, device=self.history_count.device)
             self.history_compensable.zero_()
+        return self
+
+    def train(self, mode: bool = True) -> "CrossIterationBatchNorm":
+        """As ``nn.Module.train``; the attached conv's hook captures its input only while this layer trains."""
+        super().train(mode)
+        conv = self.paired_conv
+        if conv is not None:
+            conv.__dict__[_CAPTURING] = bool(mode)
         return self
 
     def detach(self) -> None:
@@ -321,9 +335,8 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         y, info = normalize(
             input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
             process_group=self.process_group, layer_name=self.layer_name, prior=prior, extra=extra,
-            extra_numel=extra_numel, error=err,
+            extra_numel=extra_numel, error=err, **self._running(),
         )
-        self._update_running(info)
         if may_record:
             self._record(info, conv if compensating else None)
         if extra_numel is not None:

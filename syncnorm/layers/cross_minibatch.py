@@ -115,9 +115,8 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
                 forwards = torch.where(full, torch.zeros_like(forwards), forwards)
         y, info = normalize(
             input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
-            process_group=self.process_group, layer_name=self.layer_name, prior=prior, error=err,
+            process_group=self.process_group, layer_name=self.layer_name, prior=prior, error=err, **self._running(),
         )
-        self._update_running(info)
         self.last_info = info
         with torch.no_grad():
             # (an empty global micro-batch merges as nothing: the window's moments stay as they were)

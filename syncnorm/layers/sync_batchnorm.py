@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import comm
-from ..functional import NormInfo, check_input, train_step, update_running_stats
+from ..functional import NormInfo, check_input, train_step
 
 __all__ = ["SyncBatchNorm", "GlobalStatsBatchNorm", "NamedLayer"]
 
@@ -156,10 +156,13 @@ class GlobalStatsBatchNorm(NamedLayer, _BatchNorm):
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _update_running(self, info: NormInfo) -> None:
-        if self.track_running_stats:
-            update_running_stats(self.running_mean, self.running_var, self.num_batches_tracked, info.batch,
-                                 self.momentum)
+    def _running(self) -> dict:
+        """The running statistics as keyword arguments of :func:`syncnorm.functional.normalize` (which updates
+        them in place), or none when the layer does not track them."""
+        if not self.track_running_stats:
+            return {}
+        return {"running_mean": self.running_mean, "running_var": self.running_var,
+                "num_batches_tracked": self.num_batches_tracked, "momentum": self.momentum}
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
