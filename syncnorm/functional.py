@@ -146,7 +146,7 @@ def normalize(
     num_features: Optional[int] = None,
     process_group=None,
     layer_name: str = "layer",
-    prior: Optional[Moments] = None,
+    prior: Optional[Moments | torch.Tensor] = None,
     renorm: Optional[tuple[float, float]] = None,
     running_mean: Optional[torch.Tensor] = None,
     running_var: Optional[torch.Tensor] = None,
@@ -166,7 +166,8 @@ def normalize(
         process_group: group to synchronise over (None = the world; world 1 = no collective).
         layer_name: used in error messages.
         prior: constant moments merged with the batch before normalising (no gradient flows into them); the
-            backward then divides by the merged count. A prior of count 0 changes nothing.
+            backward then divides by the merged count. A prior of count 0 changes nothing. :class:`Moments`, or
+            already as the fp64 ``(3, C)`` tensor :func:`syncnorm.ops.forward_epilogue` takes.
         renorm: ``(r_max, d_max)``: Batch Renorm, with ``r`` and ``d`` (constants for autograd) from the global
             batch's moments and ``running_mean`` / ``running_var`` as they are before this step's update.
         running_mean, running_var, num_batches_tracked, momentum: running statistics, updated in place from the
@@ -193,8 +194,9 @@ def normalize(
         total = all_reduce_stats(x, C, process_group, device=device, extra=extra, extra_numel=extra_numel,
                                  error=error)
         extra_sum = total[2 + 2 * C:] if extra_numel else None
-        prior_t = None if prior is None else torch.stack(
-            [prior.count.to(_F64).expand(C), prior.mean.to(_F64), prior.m2.to(_F64)])
+        prior_t = prior
+        if isinstance(prior, Moments):
+            prior_t = torch.stack([prior.count.to(_F64).expand(C), prior.mean.to(_F64), prior.m2.to(_F64)])
         r_max, d_max = (1.0, 0.0) if renorm is None else (float(renorm[0]), float(renorm[1]))
         coef, stats, counts = ops.forward_epilogue(
             total[:2 + 2 * C], prior_t, weight, bias, running_mean, running_var, num_batches_tracked, float(eps),

@@ -107,12 +107,14 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         err = check_input(input, self.num_features, self.layer_name, self._min_dim, self._max_dim)
         with torch.no_grad():
-            prior, forwards = self.window_moments(), self.window_forwards
+            # the window so far as the epilogue's prior [count (every column), mean, m2]
+            prior = torch.stack([self.window_count.expand(self.num_features), self.window_mean, self.window_m2])
+            forwards = self.window_forwards
             if self._accumulation_steps is not None:
                 # a full window starts over here; decided on the device, without reading the count on the host
                 full = forwards >= self._accumulation_steps
-                prior = Moments(*(torch.where(full, torch.zeros_like(t), t) for t in prior))
-                forwards = torch.where(full, torch.zeros_like(forwards), forwards)
+                prior = torch.where(full, 0.0, prior)
+                forwards = torch.where(full, 0, forwards)
         y, info = normalize(
             input, self.weight, self.bias, eps=self.eps, num_features=self.num_features,
             process_group=self.process_group, layer_name=self.layer_name, prior=prior, error=err, **self._running(),
@@ -120,10 +122,8 @@ class CrossMiniBatchNorm(GlobalStatsBatchNorm):
         self.last_info = info
         with torch.no_grad():
             # (an empty global micro-batch merges as nothing: the window's moments stay as they were)
-            self.window_count.copy_(info.used.count)
-            self.window_mean.copy_(info.used.mean)
-            self.window_m2.copy_(info.used.m2)
-            self.window_forwards.copy_(forwards + 1)
+            torch._foreach_copy_([self.window_count, self.window_mean, self.window_m2, self.window_forwards],
+                                 [info.used.count, info.used.mean, info.used.m2, forwards + 1])
         return y
 
     def extra_repr(self) -> str:
