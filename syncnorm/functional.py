@@ -14,7 +14,7 @@ Backward (:class:`_Normalize`)::
 
 On CUDA that is two Triton kernels forward (the reduction: per-program partials, then their fixed-order sum), the
 collective, one epilogue kernel and one normalising kernel; backward the same two-kernel reduction (its second kernel
-also packs the vector), two copies (the weight and bias gradients), the collective and one kernel that forms dx.
+also packs the vector and writes the weight and bias gradients), the collective and one kernel that forms dx.
 
 ``k`` is the normalising mean rounded to the accumulation dtype, so ``x - k`` is exact for data whose mean is far
 larger than its spread, and the rest of the mean is folded into ``h``. Nothing is read on the host: counts and
@@ -120,17 +120,14 @@ class _Normalize(torch.autograd.Function):
     def backward(ctx, dy):
         raise_pending_errors()
         x, weight, center, stats, count = ctx.saved_tensors
-        C = center.shape[0]
         # this rank's [sum dy, sum dy * x_hat] (2C fp64 values): the weight and bias gradients, and what the one
         # backward collective sums over the group
-        sums = ops.backward_reduce(dy, x, center, stats)
-        dx = dw = db = None
-        # (copies: the eager all-reduce below sums `sums` in place)
-        if ctx.needs_input_grad[1]:
-            dw = sums[C:] if not ctx.renorm else sums[C:] * stats[6] + sums[:C] * stats[7]
-            dw = dw.to(weight.dtype, copy=True)
-        if ctx.needs_input_grad[2]:
-            db = sums[:C].to(ctx.bias_dtype, copy=True)
+        weight_dtype = torch.float32 if weight is None else weight.dtype
+        sums, dw, db = ops.backward_reduce(dy, x, center, stats, ctx.renorm, weight_dtype,
+                                           ctx.bias_dtype or torch.float32)
+        dx = None
+        dw = dw if ctx.needs_input_grad[1] else None
+        db = db if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[0]:
             total = comm.all_reduce_sum(sums, ctx.group)
             dx = ops.backward_apply(dy, x, total, center, stats, count)

@@ -243,9 +243,20 @@ def _backward_coef(total: Tensor, center: Tensor, stats: Tensor, count: Tensor) 
     return torch.stack([center.to(_F64), scale, b, c]).to(center.dtype)
 
 
-def backward_reduce_reference(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor) -> Tensor:
-    """Reference of :func:`backward_reduce`: :func:`backward_stats_reference`, then made ``[sum dy, sum dy x_hat]``."""
-    return _backward_pack(backward_stats_reference(dy, x, center), center, stats)
+def _param_grads(packed: Tensor, stats: Tensor, renorm: bool, weight_dtype: torch.dtype,
+                 bias_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    # this rank's d weight = sum dy x_hat (Batch Renorm: * r + sum dy * d) and d bias = sum dy, in the parameters' dtypes
+    C = packed.shape[0] // 2
+    dw = packed[C:] * stats[6] + packed[:C] * stats[7] if renorm else packed[C:]
+    return dw.to(weight_dtype, copy=True), packed[:C].to(bias_dtype, copy=True)
+
+
+def backward_reduce_reference(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor, renorm: bool,
+                              weight_dtype: torch.dtype, bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`backward_reduce`: :func:`backward_stats_reference`, then made ``[sum dy, sum dy x_hat]``,
+    and the parameter gradients from it."""
+    packed = _backward_pack(backward_stats_reference(dy, x, center), center, stats)
+    return (packed, *_param_grads(packed, stats, renorm, weight_dtype, bias_dtype))
 
 
 def backward_apply_reference(dy: Tensor, x: Tensor, total: Tensor, center: Tensor, stats: Tensor,
@@ -332,12 +343,17 @@ def _(total, prior, weight, bias, running_mean, running_var, num_batches_tracked
 
 
 @torch.library.custom_op("syncnorm::backward_reduce", mutates_args=())
-def backward_reduce(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor) -> Tensor:
-    """This rank's contribution to the backward all-reduce, fp64 ``(2C,)``: ``[sum dy, sum dy * x_hat]`` with
+def backward_reduce(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor, renorm: bool, weight_dtype: torch.dtype,
+                    bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's backward sums: ``(packed, d_weight, d_bias)``.
+
+    ``packed``, fp64 ``(2C,)``, is what the backward all-reduce sums: ``[sum dy, sum dy * x_hat]`` with
     ``x_hat = (x - mean) * invstd``, ``mean`` and ``invstd`` rows of the forward epilogue's ``stats`` (see
     :data:`EPILOGUE_ROWS`) and ``center = k`` (the mean rounded to the accumulation dtype, which the sums are taken
-    around: :func:`backward_stats`, then ``sum dy * x_hat = (sum dy (x - k) - (mean - k) sum dy) * invstd``)."""
-    return backward_reduce_reference(dy, x, center, stats)
+    around: :func:`backward_stats`, then ``sum dy * x_hat = (sum dy (x - k) - (mean - k) sum dy) * invstd``).
+    ``d_weight = sum dy * x_hat`` (with ``renorm``: ``* r + sum dy * d``, r and d from ``stats``) in
+    ``weight_dtype`` and ``d_bias = sum dy`` in ``bias_dtype``: the local parameter gradients (DDP averages them)."""
+    return backward_reduce_reference(dy, x, center, stats, renorm, weight_dtype, bias_dtype)
 
 
 @torch.library.custom_op("syncnorm::backward_apply", mutates_args=())
@@ -351,8 +367,9 @@ def backward_apply(dy: Tensor, x: Tensor, total: Tensor, center: Tensor, stats: 
 
 
 @backward_reduce.register_fake
-def _(dy, x, center, stats):
-    return x.new_empty(2 * x.shape[1], dtype=_F64)
+def _(dy, x, center, stats, renorm, weight_dtype, bias_dtype):
+    C = x.shape[1]
+    return x.new_empty(2 * C, dtype=_F64), x.new_empty(C, dtype=weight_dtype), x.new_empty(C, dtype=bias_dtype)
 
 
 @backward_apply.register_fake
@@ -589,13 +606,14 @@ backward_stats.register_kernel("cuda")(_cuda(backward_stats_reference, "backward
 backward_input.register_kernel("cuda")(_cuda(backward_input_reference, "backward_input"))
 
 
-def _backward_reduce_cpu(dy, x, center, stats):
+def _backward_reduce_cpu(dy, x, center, stats, renorm, weight_dtype, bias_dtype):
     # on CPU: the C++ data pass, then its O(C) packing in torch operations
     if _triton:
-        return _triton_launcher("backward_reduce", "cpu")(dy, x, center, stats)
+        return _triton_launcher("backward_reduce", "cpu")(dy, x, center, stats, renorm, weight_dtype, bias_dtype)
     if _enabled and cpu_kernels_available():
-        return _backward_pack(torch.ops.syncnorm_cpu.backward_stats(dy, x, center), center, stats)
-    return backward_reduce_reference(dy, x, center, stats)
+        packed = _backward_pack(torch.ops.syncnorm_cpu.backward_stats(dy, x, center), center, stats)
+        return (packed, *_param_grads(packed, stats, renorm, weight_dtype, bias_dtype))
+    return backward_reduce_reference(dy, x, center, stats, renorm, weight_dtype, bias_dtype)
 
 
 def _backward_apply_cpu(dy, x, total, center, stats, count):

@@ -1,21 +1,31 @@
-"""Triton kernels of the four custom ops of :mod:`syncnorm.ops`: what CUDA tensors run when ``triton`` imports.
+"""Triton kernels of the custom ops of :mod:`syncnorm.ops`: what CUDA tensors run when ``triton`` imports.
 
-=========================  ==============================================  ============================================
-launcher                   kernels (grid)                                  result (the op's reference semantics)
-=========================  ==============================================  ============================================
-``batch_stats_triton``     ``_batch_stats_partial`` (channel blocks,       fp64 ``(2C + 2,)``: ``[n, 0, sum x,
-                           row programs), then ``_finish_sums`` (channel   sum x^2]``, summed around each channel's
-                           blocks)                                         first value, then made raw
-``normalize_triton``       ``_normalize_kernel`` (channel blocks, row      ``y = (x - k) * s + h`` in coef's dtype, y in
-                           programs)                                       x's dtype and memory format
-``backward_stats_triton``  ``_backward_stats_partial``, then               fp64 ``(2, C)``: ``[sum dy,
-                           ``_finish_sums``                                sum dy * (x - k)]``
-``backward_input_triton``  ``_backward_input_kernel``                      ``dx = dy * a + (x - k) * b + c`` in coef's
-                                                                           dtype, dx in x's dtype and memory format
-``forward_epilogue_triton`` ``_forward_epilogue_kernel`` (one program)     :func:`syncnorm.ops.forward_epilogue`: the
-                                                                           O(C) step between the all-reduce and
-                                                                           ``normalize``, running statistics updated
-=========================  ==============================================  ============================================
+============================ ============================================== ==========================================
+launcher                     kernels (grid)                                 result (the op's reference semantics)
+============================ ============================================== ==========================================
+``batch_stats_triton``       ``_batch_stats_partial`` (channel blocks,      fp64 ``(2C + 2,)``: ``[n, 0, sum x,
+                             row programs), then ``_finish_sums`` (channel  sum x^2]``, summed around each channel's
+                             blocks)                                        first value, then made raw
+``forward_epilogue_triton``  ``_forward_epilogue_kernel`` (one program)     the O(C) step between the all-reduce and
+                                                                            ``normalize``; running statistics updated
+``normalize_triton``         ``_normalize_kernel`` (channel blocks, row     ``y = (x - k) * s + h`` in coef's dtype,
+                             programs)                                      y in x's dtype and memory format
+``backward_reduce_triton``   ``_backward_stats_partial``, then              fp64 ``(2C,)`` ``[sum dy, sum dy x_hat]``
+                             ``_finish_sums`` (``PACK``)                    and the weight / bias gradients
+``backward_apply_triton``    ``_backward_input_kernel`` (``FROM_TOTAL``)    dx from the summed vector: each program
+                                                                            forms its channels' ``a, b, c``
+``backward_stats_triton``    ``_backward_stats_partial``, then              fp64 ``(2, C)``: ``[sum dy,
+                             ``_finish_sums``                               sum dy * (x - k)]``
+``backward_input_triton``    ``_backward_input_kernel``                     ``dx = dy * a + (x - k) * b + c`` in
+                                                                            coef's dtype
+============================ ============================================== ==========================================
+
+A training step runs the first five (the layers' ops): forward ``_batch_stats_partial``, ``_finish_sums``, the
+all-reduce, ``_forward_epilogue_kernel``, ``_normalize_kernel``; backward ``_backward_stats_partial``,
+``_finish_sums``, the all-reduce, ``_backward_input_kernel``. Fusing the epilogue into the normalising kernel would
+save one more launch, but that kernel runs many programs per channel, which would then race on the running statistics
+(read for Batch Renorm's r and d, and updated, in the same step) unless they wrote new buffers and copied them back
+(the launch saved).
 
 **The epilogue** (``forward_epilogue``) is O(C) work: one program walks the channels in blocks, in fp64, so that
 reading the running statistics (Batch Renorm's ``r``, ``d``), updating them, and incrementing
@@ -233,15 +243,17 @@ def _backward_stats_partial(dy_ptr, x_ptr, center_ptr, part_ptr, C, rows, tiles_
 
 
 @_jit
-def _finish_sums(part_ptr, x_ptr, out_ptr, center_ptr, stats_ptr, C, programs, count, stride_c,
-                 SHIFTED: tl.constexpr, PACK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _finish_sums(part_ptr, x_ptr, out_ptr, center_ptr, stats_ptr, dw_ptr, db_ptr, C, programs, count, stride_c,
+                 SHIFTED: tl.constexpr, PACK: tl.constexpr, RENORM: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     """Second pass: the fp64 sums of the ``programs`` partials of each channel, added in a fixed order.
 
     ``SHIFTED`` (batch_stats): the partials are sums of ``x - k`` and ``(x - k)^2`` around ``k = x[0, c, 0]``; they
     are made raw (``sum x = s1 + n k``, ``sum x^2 = s2 + k (2 s1 + n k)``) and written after ``[n, 0]``. Otherwise
     (backward_stats) they are written as they are, as the ``(2, C)`` output; with ``PACK`` (backward_reduce) the
     second row becomes ``sum dy * x_hat = (s2 - (mean - k) s1) * invstd`` (``k`` from ``center``, ``mean`` and
-    ``invstd`` from the forward epilogue's ``stats``)."""
+    ``invstd`` from the forward epilogue's ``stats``), and the parameter gradients are written too: ``d_bias = sum
+    dy``, ``d_weight = sum dy x_hat`` (``RENORM``: ``* r + sum dy * d``) in their pointers' dtypes."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -271,6 +283,13 @@ def _finish_sums(part_ptr, x_ptr, out_ptr, center_ptr, stats_ptr, C, programs, c
             mean = tl.load(stats_ptr + 2 * C + cols, mask=cmask, other=0.0)
             invstd = tl.load(stats_ptr + 4 * C + cols, mask=cmask, other=0.0)
             s2 = (s2 - (mean - k) * s1) * invstd
+            dw = s2
+            if RENORM:
+                r = tl.load(stats_ptr + 6 * C + cols, mask=cmask, other=1.0)
+                d = tl.load(stats_ptr + 7 * C + cols, mask=cmask, other=0.0)
+                dw = s2 * r + s1 * d
+            tl.store(dw_ptr + cols, _downcast(dw, dw_ptr.dtype.element_ty), mask=cmask)
+            tl.store(db_ptr + cols, _downcast(s1, db_ptr.dtype.element_ty), mask=cmask)
         tl.store(out_ptr + cols, s1, mask=cmask)
         tl.store(out_ptr + C + cols, s2, mask=cmask)
 
@@ -530,13 +549,14 @@ def _on_device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def _finish(part: Tensor, x: Tensor, out: Tensor, plan: _Plan, count: int, shifted: bool,
-            pack: tuple[Tensor, Tensor] | None = None) -> None:
+def _finish(part: Tensor, x: Tensor, out: Tensor, plan: _Plan, count: int, shifted: bool, pack: tuple = None,
+            renorm: bool = False) -> None:
+    # pack: (center, stats, d_weight, d_bias) for backward_reduce
     c = x.shape[1]
-    center, stats = (out, out) if pack is None else pack  # (not read without PACK)
+    center, stats, dw, db = (out,) * 4 if pack is None else pack  # (not read without PACK)
     _finish_sums[(_cdiv(c, _FINISH_BLOCK_C),)](
-        part, x, out, center, stats, c, plan.programs, count, plan.stride_c, SHIFTED=shifted, PACK=pack is not None,
-        BLOCK_P=_FINISH_BLOCK_P, BLOCK_C=_FINISH_BLOCK_C)
+        part, x, out, center, stats, dw, db, c, plan.programs, count, plan.stride_c, SHIFTED=shifted,
+        PACK=pack is not None, RENORM=renorm, BLOCK_P=_FINISH_BLOCK_P, BLOCK_C=_FINISH_BLOCK_C)
 
 
 def batch_stats_triton(x: Tensor, num_features: int) -> Tensor:
@@ -560,14 +580,19 @@ def batch_stats_triton(x: Tensor, num_features: int) -> Tensor:
     return out
 
 
-def _backward_sums(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor | None, what: str) -> Tensor:
-    """``[sum dy, sum dy * (x - center)]`` (stats None, shape (2, C)) or, packed with the forward epilogue's stats,
-    ``[sum dy, sum dy * x_hat]`` (shape (2C,))."""
+def _backward_sums(dy: Tensor, x: Tensor, center: Tensor, what: str, pack: tuple | None = None,
+                   renorm: bool = False) -> Tensor:
+    """``[sum dy, sum dy * (x - center)]`` (pack None: shape (2, C)) or, with ``pack = (stats, d_weight, d_bias)``,
+    ``[sum dy, sum dy * x_hat]`` (shape (2C,)) with the parameter gradients written into the two tensors given."""
     _require(x, what)
     c = x.shape[1]
-    shape = (2, c) if stats is None else (2 * c,)
+    shape = (2, c) if pack is None else (2 * c,)
     if x.numel() == 0:
-        return torch.zeros(shape, dtype=_F64, device=x.device)
+        out = torch.zeros(shape, dtype=_F64, device=x.device)
+        if pack is not None:
+            pack[1].zero_()
+            pack[2].zero_()
+        return out
     x, fmt = _in_layout(x)
     dy = dy.contiguous(memory_format=fmt)
     plan = _plan(x, fmt)
@@ -581,19 +606,25 @@ def _backward_sums(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor | None, 
         _backward_stats_partial[plan.grid](
             dy, x, center, part, c, *plan.geometry(), BLOCK_R=plan.block_r, BLOCK_C=plan.block_c,
             ACC=_tl_dtype(acc), WIDE=plan.wide)
-        _finish(part, x, out, plan, 0, shifted=False, pack=None if stats is None else (center, stats.contiguous()))
+        _finish(part, x, out, plan, 0, shifted=False,
+                pack=None if pack is None else (center, pack[0].contiguous(), pack[1], pack[2]), renorm=renorm)
     return out
 
 
 def backward_stats_triton(dy: Tensor, x: Tensor, center: Tensor) -> Tensor:
     """Triton :func:`syncnorm.ops.backward_stats`: fp64 ``(2, C)`` = ``[sum dy, sum dy * (x - center)]``."""
-    return _backward_sums(dy, x, center, None, "backward_stats_triton")
+    return _backward_sums(dy, x, center, "backward_stats_triton")
 
 
-def backward_reduce_triton(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor) -> Tensor:
-    """Triton :func:`syncnorm.ops.backward_reduce`: fp64 ``(2C,)`` = ``[sum dy, sum dy * x_hat]``, packed by the
-    second kernel (the same two kernels as backward_stats)."""
-    return _backward_sums(dy, x, center, stats, "backward_reduce_triton")
+def backward_reduce_triton(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor, renorm: bool,
+                           weight_dtype: torch.dtype, bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton :func:`syncnorm.ops.backward_reduce`: ``(packed, d_weight, d_bias)`` from the same two kernels as
+    backward_stats, the second of which packs the vector and writes the parameter gradients."""
+    c = x.shape[1]
+    dw = torch.empty(c, dtype=weight_dtype, device=x.device)
+    db = torch.empty(c, dtype=bias_dtype, device=x.device)
+    packed = _backward_sums(dy, x, center, "backward_reduce_triton", pack=(stats, dw, db), renorm=renorm)
+    return packed, dw, db
 
 
 def _elementwise(kernel, tensors: tuple[Tensor, ...], x: Tensor, coef: Tensor, what: str, extra: tuple = (),

@@ -122,3 +122,43 @@ def test_the_probe_sees_host_reads(deferred_checks):
     with _HostReads() as probe:
         stats.require_each(*check)
     assert probe.reads == []
+
+
+# ----------------------------------------------------------------------------------------------- the data path
+
+_VIEWS = {"aten.select", "aten.slice", "aten.unbind", "aten.expand", "aten.detach", "aten.view", "aten.alias",
+          "aten._unsafe_view", "aten.as_strided"}
+
+
+class _Ops(TorchDispatchMode):
+    """Records the ops of a block that compute something (not views, not the CPU-only host reads of the checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name not in _VIEWS and func is not aten._local_scalar_dense.default:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layer", ["sync", "renorm"])
+def test_a_step_is_the_custom_ops(layer):
+    """A training step of SyncBatchNorm / BatchRenorm is syncnorm's custom ops and nothing else: forward
+    batch_stats -> (collective) -> forward_epilogue -> normalize, backward backward_reduce -> (collective) ->
+    backward_apply. On CUDA that is four kernels and one collective per direction (the two reductions are two
+    kernels each), where each small torch op would have been a launch."""
+    make = {"sync": lambda: syncnorm.SyncBatchNorm(8),
+            "renorm": lambda: syncnorm.BatchRenorm(8, r_max=2.0, d_max=1.0)}[layer]
+    bn = make()
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    bn(x)  # a first step (lazy state)
+    with _Ops() as fwd:
+        y = bn(x)
+    dy = torch.randn_like(y)
+    with _Ops() as bwd:
+        y.backward(dy)
+    assert fwd.ops == ["syncnorm.batch_stats", "syncnorm.forward_epilogue", "syncnorm.normalize"], fwd.ops
+    assert bwd.ops == ["syncnorm.backward_reduce", "syncnorm.backward_apply"], bwd.ops

@@ -1,4 +1,7 @@
-"""The four custom ops of :mod:`syncnorm.ops`: C++ CPU kernel, reference implementation and float64 semantics.
+"""The custom ops of :mod:`syncnorm.ops`: C++ CPU kernel, reference implementation and float64 semantics.
+
+The four data passes are checked op by op below; the ops the layers call (``forward_epilogue``, ``backward_reduce``,
+``backward_apply``: those passes with their O(C) parts) have their own sections at the end.
 
 For every op, layout, dtype and batch (normal, empty, mean 1e4):
 
@@ -658,16 +661,34 @@ def backward_apply_semantics(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return dx, mag
 
 
+def reduce_args(b: dict, renorm: bool = False, weight_dtype=torch.float32, bias_dtype=torch.float32) -> tuple:
+    return (b["dy"], b["x"], b["center"], b["stats"], renorm, weight_dtype, bias_dtype)
+
+
+def apply_args(b: dict) -> tuple:
+    return (b["dy"], b["x"], b["total"], b["center"], b["stats"], b["count"])
+
+
 def check_backward_pair(reduce_fn, apply_fn, b: dict, label: str) -> None:
-    """``reduce_fn`` / ``apply_fn`` (an implementation of backward_reduce / backward_apply) against float64."""
+    """``reduce_fn`` / ``apply_fn`` (an implementation of backward_reduce / backward_apply) against float64: the
+    packed sums, the parameter gradients (plain and Batch Renorm's, in fp32 and fp64), dx."""
     x = b["x"]
-    n = x.numel() // x.shape[1]
-    out = reduce_fn(b["dy"], x, b["center"], b["stats"])
+    C, n = x.shape[1], x.numel() // x.shape[1]
     exact, scale = backward_reduce_semantics(b)
-    assert out.dtype == F64 and out.shape == (2 * x.shape[1],), (label, out.dtype, out.shape)
-    # the (mean - k) correction adds one fp64 product per channel: within the "+ 4" of sum_tol
-    assert_sums_close(out, exact, scale, sum_tol(x.dtype, n), f"{label} backward_reduce")
-    dx = apply_fn(b["dy"], x, b["total"], b["center"], b["stats"], b["count"])
+    r, d = b["stats"][6], b["stats"][7]
+    for renorm, pdt in ((False, torch.float32), (True, F64)):
+        out, dw, db = reduce_fn(*reduce_args(b, renorm, pdt, pdt))
+        assert out.dtype == F64 and out.shape == (2 * C,), (label, out.dtype, out.shape)
+        # the (mean - k) correction adds one fp64 product per channel: within the "+ 4" of sum_tol
+        assert_sums_close(out, exact, scale, sum_tol(x.dtype, n), f"{label} backward_reduce")
+        assert dw.dtype == db.dtype == pdt and dw.shape == db.shape == (C,), (label, dw.dtype, db.dtype)
+        want_dw = exact[C:] * r + exact[:C] * d if renorm else exact[C:]
+        dw_scale = scale[C:] * r.abs() + scale[:C] * d.abs() if renorm else scale[C:]
+        # + the rounding to the parameters' dtype
+        tol = sum_tol(x.dtype, n) + (eps(pdt) if pdt != F64 else 0.0)
+        assert_sums_close(dw.to(F64), want_dw, dw_scale, tol, f"{label} d_weight renorm={renorm}")
+        assert_sums_close(db.to(F64), exact[:C], scale[:C], tol, f"{label} d_bias")
+    dx = apply_fn(*apply_args(b))
     exact, mag = backward_apply_semantics(b)
     check_output_meta("backward_input", (b["dy"], x, None), dx, f"{label} backward_apply")
     rtol, atol = elementwise_tol(x.dtype, float(mag))
@@ -691,7 +712,7 @@ def test_backward_reduce_and_apply(layout, dtype, kernels):
 def test_backward_reduce_and_apply_opcheck(inp, kernels):
     b = backward_case(OPCHECK_INPUTS[inp]())
     with ops.use_kernels(kernels):
-        for op, args in ((ops.backward_reduce, (b["dy"], b["x"], b["center"], b["stats"])),
-                         (ops.backward_apply, (b["dy"], b["x"], b["total"], b["center"], b["stats"], b["count"]))):
+        for op, args in ((ops.backward_reduce, reduce_args(b)), (ops.backward_reduce, reduce_args(b, True, F64)),
+                         (ops.backward_apply, apply_args(b))):
             result = torch.library.opcheck(op, args)
             assert all(v == "SUCCESS" for v in result.values()), (op, result)

@@ -66,8 +66,10 @@ from syncnorm import ops  # noqa: E402
 from tests.dist.harness import run_distributed  # noqa: E402
 from tests.test_ops import (  # noqa: E402
     EPILOGUE_CASES,
+    apply_args,
     backward_case,
     check_backward_pair,
+    reduce_args,
     epilogue_call,
     epilogue_case,
     F64,
@@ -347,8 +349,9 @@ def test_kernels_compile_for_sm90(monkeypatch):
         for x, wide in cases:
             monkeypatch.setattr(compiled, "_plan", lambda *a, __wide=wide: plan(*a)._replace(wide=__wide))
             b = backward_case(x)
-            compiled.backward_reduce_triton(b["dy"], x, b["center"], b["stats"])
-            compiled.backward_apply_triton(b["dy"], x, b["total"], b["center"], b["stats"], b["count"])
+            compiled.backward_reduce_triton(*reduce_args(b))
+            compiled.backward_reduce_triton(*reduce_args(b, True, torch.bfloat16, torch.float16))
+            compiled.backward_apply_triton(*apply_args(b))
         assert {call[0] for call in calls} == set(kernel_names)
         seen = set()
         for name, grid, args, kwargs in calls:
@@ -575,8 +578,8 @@ def test_backward_reduce_and_apply_triton(tops, monkeypatch, layout, dtype, bloc
 def test_backward_reduce_and_apply_opcheck_with_triton_forced(tops, inp):
     b = backward_case(OPCHECK_INPUTS[inp]())
     with ops.use_triton(True):
-        for op, args in ((ops.backward_reduce, (b["dy"], b["x"], b["center"], b["stats"])),
-                         (ops.backward_apply, (b["dy"], b["x"], b["total"], b["center"], b["stats"], b["count"]))):
+        for op, args in ((ops.backward_reduce, reduce_args(b)), (ops.backward_reduce, reduce_args(b, True, F64)),
+                         (ops.backward_apply, apply_args(b))):
             result = torch.library.opcheck(op, args)
             assert all(v == "SUCCESS" for v in result.values()), (op, result)
 
