@@ -181,6 +181,11 @@ def forward_epilogue_reference(
     eps: float, momentum: Optional[float], renorm: bool, r_max: float, d_max: float, compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`forward_epilogue`, in plain torch operations (fp64 unless said otherwise)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("forward_epilogue: running_mean and running_var go together (got "
+                         f"{'running_var' if running_mean is None else 'running_mean'} alone)")
+    if renorm and running_mean is None:
+        raise ValueError("forward_epilogue: renorm needs running_mean and running_var")
     C = (total.shape[0] - 2) // 2
     n, flag = total[0], total[1]
     s1, s2 = total[2:2 + C], total[2 + C:2 + 2 * C]

@@ -31,7 +31,10 @@ save one more launch, but that kernel runs many programs per channel, which woul
 reading the running statistics (Batch Renorm's ``r``, ``d``), updating them, and incrementing
 ``num_batches_tracked`` happen in one place, in order, without a race between programs. Its float arguments are
 passed as fp64 (annotated ``tl.float64``; Triton would pass a Python float as fp32), so ``eps`` and the clip bounds are
-exact, and a clipped ``r`` equals the bound.
+exact, and a clipped ``r`` equals the bound. The O(C) kernels (the epilogue, the second pass of the reductions) are
+compiled without FMA contraction (``enable_fp_fusion=False``): ``sum x^2 - mean * sum x`` cancels, and a fused
+multiply-add would round it differently from the reference by up to ``mean^2 / var`` ulps; NaN propagates through
+their clamps as through torch.clamp.
 
 **Layout.** Every kernel sees x as ``(N, C, S)`` (S: the spatial sizes multiplied) and walks it as *rows* of
 channels: element ``(o, r, c)`` is at ``o * stride_outer + r * stride_row + c * stride_c``. Two cases cover every
@@ -136,9 +139,11 @@ def import_error() -> str | None:
     return _IMPORT_ERROR
 
 
-def _jit(fn):
+def _jit(fn=None, **options):
     # triton.jit where triton imports; the plain function otherwise, so that this module always imports
-    return fn if triton is None else triton.jit(fn)
+    if fn is None:
+        return lambda f: _jit(f, **options)
+    return fn if triton is None else triton.jit(fn, **options)
 
 
 @_jit
@@ -242,7 +247,9 @@ def _backward_stats_partial(dy_ptr, x_ptr, center_ptr, part_ptr, C, rows, tiles_
     tl.store(base + C, tl.reduce(sgx, 0, _sum_combine).to(tl.float64), mask=cmask)
 
 
-@_jit
+# (programs, count and stride_c are a loop bound, a value cast to fp64 and an offset read once: specialising on their
+# divisibility or on their being 1 would only multiply the compiled variants)
+@_jit(do_not_specialize=("programs", "count", "stride_c"))
 def _finish_sums(part_ptr, x_ptr, out_ptr, center_ptr, stats_ptr, dw_ptr, db_ptr, C, programs, count, stride_c,
                  SHIFTED: tl.constexpr, PACK: tl.constexpr, RENORM: tl.constexpr, BLOCK_P: tl.constexpr,
                  BLOCK_C: tl.constexpr):
@@ -393,6 +400,8 @@ def _forward_epilogue_kernel(total_ptr, prior_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
     seen = (n > 0) & (flag == 0) & (used_n != 1)
     if HAS_NBT:
         nbt = tl.load(nbt_ptr) + seen.to(tl.int64)
+        # every thread of the program has read the old count before one of them stores the new one
+        tl.debug_barrier()
         if UPDATE:
             tl.store(nbt_ptr, nbt)
     for c0 in range(0, C, BLOCK_C):
@@ -401,7 +410,7 @@ def _forward_epilogue_kernel(total_ptr, prior_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
         s1 = tl.load(total_ptr + 2 + cols, mask=m, other=0.0)
         s2 = tl.load(total_ptr + 2 + C + cols, mask=m, other=0.0)
         batch_mean = s1 / safe_n
-        batch_m2 = tl.maximum(s2 - batch_mean * s1, 0.0)
+        batch_m2 = tl.maximum(s2 - batch_mean * s1, 0.0, propagate_nan=tl.PropagateNan.ALL)
         mean = batch_mean
         m2 = batch_m2
         if HAS_PRIOR:  # Chan's exact merge, the prior first
@@ -417,8 +426,11 @@ def _forward_epilogue_kernel(total_ptr, prior_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
             rv = _upcast(tl.load(rv_ptr + cols, mask=m, other=1.0), tl.float64)
             batch_var = tl.where(n > 0, batch_m2 / safe_n, 0.0)
             inv_sigma = 1.0 / tl.sqrt(rv + eps)
-            r = tl.minimum(tl.maximum(tl.sqrt(batch_var + eps) * inv_sigma, 1.0 / r_max), r_max)
-            d = tl.minimum(tl.maximum((batch_mean - rm) * inv_sigma, -d_max), d_max)
+            # (NaN in, NaN out, as torch.clamp: tl.maximum / tl.minimum drop NaN by default)
+            r = tl.maximum(tl.sqrt(batch_var + eps) * inv_sigma, 1.0 / r_max, propagate_nan=tl.PropagateNan.ALL)
+            r = tl.minimum(r, r_max, propagate_nan=tl.PropagateNan.ALL)
+            d = tl.maximum((batch_mean - rm) * inv_sigma, -d_max, propagate_nan=tl.PropagateNan.ALL)
+            d = tl.minimum(d, d_max, propagate_nan=tl.PropagateNan.ALL)
         invstd = 1.0 / tl.sqrt(m2 / tl.maximum(used_n, 1.0) + eps)
         w = tl.full([BLOCK_C], 1.0, tl.float64)
         b = tl.full([BLOCK_C], 0.0, tl.float64)
@@ -554,9 +566,13 @@ def _finish(part: Tensor, x: Tensor, out: Tensor, plan: _Plan, count: int, shift
     # pack: (center, stats, d_weight, d_bias) for backward_reduce
     c = x.shape[1]
     center, stats, dw, db = (out,) * 4 if pack is None else pack  # (not read without PACK)
+    # x and its channel stride are read only by the shifted (batch_stats) pass: otherwise pass what does not
+    # specialise the kernel on x's dtype or alignment
+    x_arg, stride_c = (x, plan.stride_c) if shifted else (out, 0)
     _finish_sums[(_cdiv(c, _FINISH_BLOCK_C),)](
-        part, x, out, center, stats, dw, db, c, plan.programs, count, plan.stride_c, SHIFTED=shifted,
-        PACK=pack is not None, RENORM=renorm, BLOCK_P=_FINISH_BLOCK_P, BLOCK_C=_FINISH_BLOCK_C)
+        part, x_arg, out, center, stats, dw, db, c, plan.programs, count, stride_c, SHIFTED=shifted,
+        PACK=pack is not None, RENORM=renorm, BLOCK_P=_FINISH_BLOCK_P, BLOCK_C=_FINISH_BLOCK_C,
+        enable_fp_fusion=False)  # (see the module docstring: no FMA in the O(C) kernels)
 
 
 def batch_stats_triton(x: Tensor, num_features: int) -> Tensor:
@@ -675,7 +691,10 @@ def forward_epilogue_triton(total: Tensor, prior, weight, bias, running_mean, ru
     if triton is None:
         raise RuntimeError(f"syncnorm.triton_ops.forward_epilogue_triton: triton could not be imported ({_IMPORT_ERROR})")
     C = (total.shape[0] - 2) // 2
-    if renorm and (running_mean is None or running_var is None):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("syncnorm.triton_ops.forward_epilogue_triton: running_mean and running_var go together "
+                         f"(got {'running_var' if running_mean is None else 'running_mean'} alone)")
+    if renorm and running_mean is None:
         raise ValueError("syncnorm.triton_ops.forward_epilogue_triton: renorm needs running_mean and running_var")
     for name, buf in (("running_mean", running_mean), ("running_var", running_var),
                       ("num_batches_tracked", num_batches_tracked)):
@@ -699,7 +718,7 @@ def forward_epilogue_triton(total: Tensor, prior, weight, bias, running_mean, ru
             0.0 if momentum is None else float(momentum), float(r_max), float(d_max),
             HAS_PRIOR=prior is not None, HAS_W=weight is not None, HAS_B=bias is not None, RENORM=bool(renorm),
             UPDATE=update, HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None,
-            BLOCK_C=min(_pow2(C), _EPILOGUE_BLOCK_C))
+            BLOCK_C=min(_pow2(C), _EPILOGUE_BLOCK_C), enable_fp_fusion=False)
     return coef, stats, counts
 
 

@@ -506,12 +506,12 @@ def test_set_kernels_enabled_returns_previous():
 # ------------------------------------------------------------------------------------------- forward_epilogue
 
 def epilogue_case(*, prior: bool, affine: bool, running: bool, momentum, renorm: bool, n: int = 9, flag: float = 0.0,
-                  compute_dtype=torch.float32, running_dtype=torch.float32, seed: int = 0) -> dict:
+                  compute_dtype=torch.float32, running_dtype=torch.float32, seed: int = 0, loc: float = 3.0) -> dict:
     """Raw data of a forward_epilogue call: this step's (global) batch ``x`` (n, C) and the prior's values ``p``, the
     summed vector and the prior moments built from them, parameters and running statistics."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, C, generator=g, dtype=F64) * 2 + 3
-    p = torch.randn(4, C, generator=g, dtype=F64) * 1.5 - 1
+    x = torch.randn(n, C, generator=g, dtype=F64) * 2 + loc
+    p = torch.randn(4, C, generator=g, dtype=F64) * 1.5 - 1 + (loc - 3.0)
     total = torch.zeros(2 + 2 * C, dtype=F64)
     total[0], total[1] = n, flag
     total[2:2 + C], total[2 + C:] = x.sum(0), x.square().sum(0)

@@ -669,3 +669,38 @@ def test_world_cross_iteration_and_cross_minibatch(world_results, check):
     key = check.replace("oracle", "history")
     if key in world_results[0]:
         assert torch.equal(world_results[0][key], world_results[1][key])  # the same history on both ranks
+
+
+def test_forward_epilogue_large_mean_as_reference(tops):
+    """Mean 300, spread 2: ``sum x^2 - mean * sum x`` cancels about 10^4 of fp64's digits; the kernel must round it as
+    the reference does (no FMA contraction: on a GPU a fused multiply-add would differ by up to ~mean^2/var ulps)."""
+    c = epilogue_case(**EPILOGUE_CASES["renorm-prior-cumulative"], seed=4, loc=300.0)
+    (coef_r, stats_r, counts_r), _ = epilogue_call(ops.forward_epilogue_reference, c)
+    (coef_t, stats_t, counts_t), _ = epilogue_call(tops.forward_epilogue_triton, c)
+    torch.testing.assert_close(stats_t, stats_r, rtol=8 * eps(F64), atol=8 * eps(F64))
+    torch.testing.assert_close(coef_t, coef_r, rtol=2 * eps(torch.float32), atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (the interpreter's numpy: inf - inf)
+def test_forward_epilogue_non_finite_as_reference(tops):
+    """Non-finite sums (an inf in the batch) and NaN running statistics: NaN goes where the reference puts it (torch's
+    clamps propagate NaN; Triton's tl.maximum / tl.minimum would drop it unless told otherwise)."""
+    c = epilogue_case(**EPILOGUE_CASES["renorm"], seed=3)
+    c["args"]["total"][2] = float("inf")  # sum x of channel 0
+    c["args"]["total"][2 + 5 + 0] = float("inf")
+    c["args"]["running_var"][1] = float("nan")
+    (coef_r, stats_r, counts_r), running_r = epilogue_call(ops.forward_epilogue_reference, c)
+    (coef_t, stats_t, counts_t), running_t = epilogue_call(tops.forward_epilogue_triton, c)
+    assert stats_r.isnan().any() and stats_r[:, 0].isnan().any() and stats_r[6:, 1].isnan().all()
+    torch.testing.assert_close(stats_t, stats_r, rtol=8 * eps(F64), atol=8 * eps(F64), equal_nan=True)
+    torch.testing.assert_close(coef_t, coef_r, rtol=1e-6, atol=1e-6, equal_nan=True)
+    for got, want in zip(running_t[:2], running_r[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_forward_epilogue_running_buffers_go_together(tops):
+    c = epilogue_case(**EPILOGUE_CASES["plain"])
+    c["args"]["running_var"] = None
+    for fn in (ops.forward_epilogue_reference, tops.forward_epilogue_triton):
+        with pytest.raises(ValueError, match="running_mean and running_var go together"):
+            epilogue_call(fn, c)
