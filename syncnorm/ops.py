@@ -40,8 +40,11 @@ Which implementation runs is chosen at each call:
 - **CUDA tensors**: the Triton kernels, or the reference where ``triton`` does not import.
 - :func:`triton_enabled` overrides both: True sends every tensor to the Triton kernels (CPU tensors through Triton's
   interpreter, for testing; whatever :func:`use_kernels` says), False sends none (CUDA tensors then run the
-  reference), None (the default) is the above. ``SYNCNORM_KERNELS=triton`` / ``=reference`` in the environment set
-  it to True / False at import; :func:`use_triton` switches it for a block of code.
+  reference), None (the default) is the above. :func:`use_triton` switches it for a block of code.
+- The environment, read at import: ``SYNCNORM_KERNELS=auto`` (or unset) is the above; ``SYNCNORM_KERNELS=triton``
+  sets :func:`triton_enabled` to True; ``SYNCNORM_KERNELS=reference`` runs the reference implementation on every
+  device (:func:`triton_enabled` False *and* :func:`kernels_enabled` False); ``SYNCNORM_CPU_EXT=0`` runs it on CPU
+  tensors only.
 
 Triton decides at *decoration* time whether a kernel is compiled or interpreted: Triton kernels run on CPU tensors
 only when ``TRITON_INTERPRET=1`` was in the environment when :mod:`syncnorm.triton_ops` was first imported (it is
@@ -406,6 +409,9 @@ def _(dy, x, coef):
 
 
 def _env_enabled() -> bool:
+    # SYNCNORM_KERNELS=reference means the reference implementation on every device, CPU tensors included
+    if os.environ.get("SYNCNORM_KERNELS", "").strip().lower() == "reference":
+        return False
     return os.environ.get("SYNCNORM_CPU_EXT", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -417,14 +423,15 @@ _failed: Optional[str] = None
 
 def kernels_enabled() -> bool:
     """Whether CPU tensors go to the C++ kernels (when they could be built): ``SYNCNORM_CPU_EXT`` unset or not
-    ``0``/``false``/``off``/``no`` at import, unless :func:`use_kernels` says otherwise for now. (While
-    :func:`triton_enabled` is True, every tensor runs the Triton kernels whatever this says.)"""
+    ``0``/``false``/``off``/``no``, and ``SYNCNORM_KERNELS`` not ``reference``, at import, unless :func:`use_kernels`
+    says otherwise for now. (While :func:`triton_enabled` is True, every tensor runs the Triton kernels whatever this
+    says.)"""
     return _enabled
 
 
 def set_kernels_enabled(value: Optional[bool]) -> bool:
     """Send CPU tensors to the C++ kernels (True) or to the reference implementation (False) from now on; None goes
-    back to the ``SYNCNORM_CPU_EXT`` setting. Returns the previous value."""
+    back to the environment's setting (``SYNCNORM_CPU_EXT``, ``SYNCNORM_KERNELS``). Returns the previous value."""
     global _enabled
     previous, _enabled = _enabled, _env_enabled() if value is None else bool(value)
     return previous

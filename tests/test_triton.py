@@ -460,7 +460,10 @@ def test_environment_settings(monkeypatch):
         for value, expected in (("triton", True), ("reference", False), ("auto", None), ("", None)):
             monkeypatch.setenv("SYNCNORM_KERNELS", value)
             ops.set_triton_enabled(None)
+            ops.set_kernels_enabled(None)
             assert ops.triton_enabled() is expected, value
+            # "reference" means the reference on every device: the C++ CPU kernels are off too
+            assert ops.kernels_enabled() is (value != "reference"), value
         monkeypatch.setenv("SYNCNORM_KERNELS", "cuda")
         with pytest.warns(RuntimeWarning, match="not one of"):
             ops.set_triton_enabled(None)
