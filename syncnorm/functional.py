@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from . import comm, ops
-from .stats import Check, Moments, _peer_error, accumulation_dtype, all_reduce_stats, raise_pending_errors, require_each
+from .stats import (Check, Moments, PeerInputError, _peer_message, accumulation_dtype, all_reduce_stats,
+                    raise_pending_errors, require_each)
 
 __all__ = [
     "NormInfo",
@@ -93,12 +94,12 @@ def check_input(x, num_features: int, layer_name: str, min_dim: int = 2, max_dim
     return None
 
 
-def _one_value_error(layer_name: str, x) -> ValueError:
-    shape = f" (input size {tuple(x.shape)} on this rank)" if isinstance(x, torch.Tensor) else ""
-    return ValueError(
-        f"{layer_name}: expected more than 1 value per channel when training, got 1 value per channel "
-        f"across the whole process group{shape}"
-    )
+def _one_value_message(layer_name: str, x) -> str:
+    # (no shape while compiling: a dynamic size would have to be specialised to be printed)
+    known = isinstance(x, torch.Tensor) and not torch.compiler.is_compiling()
+    shape = f" (input size {tuple(x.shape)} on this rank)" if known else ""
+    return (f"{layer_name}: expected more than 1 value per channel when training, got 1 value per channel "
+            f"across the whole process group{shape}")
 
 
 class _Normalize(torch.autograd.Function):
@@ -199,9 +200,9 @@ def normalize(
             total[:2 + 2 * C], prior_t, weight, bias, running_mean, running_var, num_batches_tracked, float(eps),
             momentum, renorm is not None, r_max, d_max, accumulation_dtype(x.dtype))
         # one copy to the host for both checks: a peer's invalid input (the flag), one value per channel
-        require_each(counts[1:], [Check(lambda v: v > 0, lambda t: t == 0, lambda v: _peer_error(layer_name, v)),
-                                  Check(lambda v: v == 1, lambda t: t != 1,
-                                        lambda v: _one_value_error(layer_name, x))])
+        require_each(counts[1:], [Check(lambda v: v > 0, lambda t: t == 0, lambda v: _peer_message(layer_name, v),
+                                        PeerInputError),
+                                  Check(lambda v: v == 1, lambda t: t != 1, lambda v: _one_value_message(layer_name, x))])
     batch_mean, batch_m2, mean, m2, _, _, r, d = stats.unbind(0)
     if renorm is None:
         r = d = None

@@ -122,21 +122,25 @@ def _error_vector(num_features: int, extra_numel: int, device) -> torch.Tensor:
     return vec
 
 
-def _peer_error(layer_name: str, flag: Optional[float]) -> "PeerInputError":
+def _peer_message(layer_name: str, flag: Optional[float]) -> str:
     who = "another rank" if flag is None else f"{int(flag)} other rank(s)"
-    return PeerInputError(
-        f"{layer_name}: {who} of the process group passed invalid input to this layer (see the error raised on "
-        "those ranks); every rank stops here instead of hanging"
-    )
+    return (f"{layer_name}: {who} of the process group passed invalid input to this layer (see the error raised on "
+            "those ranks); every rank stops here instead of hanging")
 
 
 class Check(NamedTuple):
     """One condition :func:`require_each` checks on one value: ``bad(v)`` on the host value (a float), ``ok(t)`` the
-    same test as a tensor, ``error(v)`` the exception to raise (``v`` None where the value is not known)."""
+    same test as a tensor, ``message(v)`` the text of the exception (``v`` None where the value is not known: under
+    torch.compile and CUDA-graph capture, where the text must be a plain string), ``kind`` its class."""
 
     bad: Callable[[float], bool]
     ok: Callable[[torch.Tensor], torch.Tensor]
-    error: Callable[[Optional[float]], BaseException]
+    message: Callable[[Optional[float]], str]
+    kind: type = ValueError
+
+    def error(self, value: Optional[float]) -> BaseException:
+        """The exception for the bad value ``value`` (None: not known)."""
+        return self.kind(self.message(value))
 
 
 class _Pending(NamedTuple):
@@ -155,10 +159,10 @@ def capturing() -> bool:
 
 
 def require(value: torch.Tensor, bad: Callable[[float], bool], ok: Callable[[torch.Tensor], torch.Tensor],
-            error: Callable[[Optional[float]], BaseException]) -> None:
-    """Raise ``error(v)`` where the 0-d tensor ``value`` holds a bad ``v`` (``bad(v)``; ``ok(value)`` is the same
-    test as a tensor), without stopping an accelerator to read it: :func:`require_each` with one check."""
-    require_each(value.reshape(1), [Check(bad, ok, error)])
+            message: Callable[[Optional[float]], str], kind: type = ValueError) -> None:
+    """Raise ``kind(message(v))`` where the 0-d tensor ``value`` holds a bad ``v`` (``bad(v)``; ``ok(value)`` is the
+    same test as a tensor), without stopping an accelerator to read it: :func:`require_each` with one check."""
+    require_each(value.reshape(1), [Check(bad, ok, message, kind)])
 
 
 def require_each(values: torch.Tensor, checks: Sequence[Check]) -> None:
@@ -180,7 +184,8 @@ def require_each(values: torch.Tensor, checks: Sequence[Check]) -> None:
     """
     if torch.compiler.is_compiling() or capturing():
         for i, check in enumerate(checks):
-            torch._assert_async(check.ok(values[i]), str(check.error(None)))
+            # (the message is built as a string: Dynamo cannot call str() on an exception in every torch version)
+            torch._assert_async(check.ok(values[i]), check.message(None))
         return
     if values.device.type == "cuda":
         host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -279,7 +284,7 @@ def global_moments(
     """
     stats = all_reduce_stats(x, num_features, process_group, **options)
     flag = stats[1]
-    require(flag, lambda v: v > 0, lambda t: t == 0, lambda v: _peer_error(layer_name, v))
+    require(flag, lambda v: v > 0, lambda t: t == 0, lambda v: _peer_message(layer_name, v), PeerInputError)
     extra_sum = stats[2 + 2 * num_features:] if stats.numel() > 2 + 2 * num_features else None
     return unpack(stats, num_features), extra_sum
 

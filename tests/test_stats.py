@@ -26,7 +26,7 @@ class _Event:
 
 def _pend(value: float, done: bool) -> _Event:
     event = _Event(done)
-    check = stats.Check(lambda v: v > 0, lambda t: t == 0, lambda v: PeerInputError(f"flag {v}"))
+    check = stats.Check(lambda v: v > 0, lambda t: t == 0, lambda v: f"flag {v}", PeerInputError)
     stats._pending.append(stats._Pending(torch.tensor([value]), event, (check,)))
     return event
 
@@ -60,8 +60,8 @@ def test_pending_checks_that_pass_are_dropped_in_order_and_wait_blocks():
 
 def test_require_on_cpu_raises_at_once_with_the_value():
     with pytest.raises(ValueError, match="got 3.0"):
-        stats.require(torch.tensor(3.0), lambda v: v > 0, lambda t: t == 0, lambda v: ValueError(f"got {v}"))
-    stats.require(torch.tensor(0.0), lambda v: v > 0, lambda t: t == 0, lambda v: ValueError(f"got {v}"))
+        stats.require(torch.tensor(3.0), lambda v: v > 0, lambda t: t == 0, lambda v: f"got {v}")
+    stats.require(torch.tensor(0.0), lambda v: v > 0, lambda t: t == 0, lambda v: f"got {v}")
     assert not stats._pending
 
 

@@ -34,8 +34,18 @@ def _capture_conv_input(conv: nn.Module, inputs: tuple, output) -> None:
     # keeps that input alive anyway. The conv's own mode does not matter: a conv in eval mode (a frozen backbone)
     # under no_grad still feeds a training CBN. (No lookup of the owner here: under torch.compile that would guard on
     # the global registry of pairs, which changes whenever any layer is created or collected.)
-    if conv.__dict__.get(_CAPTURING, False):
-        conv.__dict__[_CAPTURED] = inputs[0]
+    # (plain getattr / setattr: torch.compile traces these on every torch version, but not every operation on
+    # a module's __dict__)
+    if getattr(conv, _CAPTURING, False):
+        setattr(conv, _CAPTURED, inputs[0])
+
+
+def _take_captured(conv: Optional[nn.Module]) -> Optional[torch.Tensor]:
+    # the conv input the hook kept for this step (None: none), dropped from the conv
+    captured = None if conv is None else getattr(conv, _CAPTURED, None)
+    if captured is not None:
+        setattr(conv, _CAPTURED, None)
+    return captured
 
 
 def _conv_output_size(conv: _ConvNd, size: tuple[int, ...]) -> tuple[int, ...]:
@@ -295,15 +305,13 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         """Eval: ``nn.BatchNorm`` eval (running statistics, no collective; any conv input kept for this layer is
         dropped). Training: the batch's global moments merged with the compensated history, as described above."""
         if not self.training:
-            conv = self.paired_conv
-            if conv is not None:
-                conv.__dict__.pop(_CAPTURED, None)
+            _take_captured(self.paired_conv)
         return super().forward(input)
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
         err = self._input_error(input)
         conv = self.paired_conv
-        captured = conv.__dict__.pop(_CAPTURED, None) if conv is not None else None
+        captured = _take_captured(conv)
         slots = self.window - 1
         if slots > 0 and self.compensate and conv is None and not self._warned_unpaired:
             self._warned_unpaired = True
