@@ -16,7 +16,9 @@ Between the forward all-reduce and ``normalize`` sits one O(C) op, :func:`forwar
 (and a constant prior, Batch Renorm's bounds) it forms the global moments, ``mean`` and ``invstd``, ``r`` and ``d``, the
 constants ``[k, s, h]`` that ``normalize`` takes, and updates the running statistics in place: one kernel on CUDA,
 where its reference implementation is about fifty small torch operations (counted with a dispatch mode; a launch
-each). On CPU that reference *is* its kernel (O(C) work; a C++ version would save microseconds).
+each). On CPU that reference *is* its kernel (O(C) work; a C++ version would save microseconds). Cross-Iteration BN's
+pooled, compensated history (the prior it merges) is one O(S C) op too, :func:`cbn_prior` (one kernel on CUDA, about
+thirty torch operations in its reference).
 
 The per-channel constants are in the accumulation dtype (fp32 for fp16/bf16/fp32 input, fp64 for fp64 input); the
 outputs ``y`` and ``dx`` have the input's dtype and memory format. What the constants mean, and the two collectives
@@ -83,6 +85,9 @@ __all__ = [
     "backward_reduce_reference",
     "backward_apply",
     "backward_apply_reference",
+    "cbn_prior",
+    "cbn_prior_reference",
+    "cbn_compensate",
     "accumulation_dtype",
     "kernels_enabled",
     "set_kernels_enabled",
@@ -350,6 +355,59 @@ def _(total, prior, weight, bias, running_mean, running_var, num_batches_tracked
             total.new_empty(3, dtype=_F64))
 
 
+def cbn_compensate(mean: Tensor, var: Tensor, mean_at: Tensor, var_at: Tensor, compensable: Tensor,
+                   w_mean: Tensor, w_var: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-Iteration BN's first-order compensation of recorded per-slot moments to the conv's current weights, in
+    fp64: with ``d_mean = w_mean - mean_at`` and ``d_var = w_var - var_at`` where the slot is ``compensable`` (0
+    elsewhere), ``(mean + d_mean, max(var + d_var - d_mean^2, 0))``. Shapes ``(S, C)``; ``compensable`` ``(S,)``."""
+    ok = compensable.unsqueeze(1)
+    d_mean = torch.where(ok, w_mean.to(_F64) - mean_at.to(_F64), 0.0)
+    d_var = torch.where(ok, w_var.to(_F64) - var_at.to(_F64), 0.0)
+    return mean.to(_F64) + d_mean, (var.to(_F64) + d_var - d_mean * d_mean).clamp_min(0.0)
+
+
+def cbn_prior_reference(count: Tensor, mean: Tensor, var: Tensor, mean_at: Tensor, var_at: Tensor,
+                        compensable: Tensor, w_mean: Optional[Tensor], w_var: Optional[Tensor], step: Tensor,
+                        burn_in: int) -> Tensor:
+    """Reference of :func:`cbn_prior`, in plain torch operations (fp64)."""
+    mean, var = mean.to(_F64), var.to(_F64)
+    if w_mean is not None:
+        mean, var = cbn_compensate(mean, var, mean_at, var_at, compensable, w_mean, w_var)
+    count = torch.where(step >= burn_in, count.to(_F64), 0.0)
+    used = (count > 0).unsqueeze(1)
+    # slots not pooled contribute exact zeros (even if what they hold is not finite)
+    mean, var = torch.where(used, mean, 0.0), torch.where(used, var, 0.0)
+    total = count.sum()
+    w = (count / total.clamp_min(1)).unsqueeze(1)
+    pooled = (w * mean).sum(0)
+    m2 = (count.unsqueeze(1) * (var + (mean - pooled) * (mean - pooled))).sum(0)
+    return torch.stack([total.expand_as(pooled), pooled, m2])
+
+
+@torch.library.custom_op("syncnorm::cbn_prior", mutates_args=())
+def cbn_prior(count: Tensor, mean: Tensor, var: Tensor, mean_at: Tensor, var_at: Tensor, compensable: Tensor,
+              w_mean: Optional[Tensor], w_var: Optional[Tensor], step: Tensor, burn_in: int) -> Tensor:
+    """Cross-Iteration BN's pooled history: the prior :func:`forward_epilogue` merges with the batch, in one op.
+
+    Args:
+        count: ``(S,)`` values per channel recorded in each slot (0: never written, not pooled).
+        mean, var: ``(S, C)`` fp64 recorded means and biased variances.
+        mean_at, var_at, compensable: ``(S, C)``, ``(S, C)``, ``(S,)`` bool: what :func:`cbn_compensate` needs.
+        w_mean, w_var: ``(S, C)`` products of the recorded derivatives with the current weights, or both None (no
+            compensation: the slots as recorded).
+        step: the layer's 0-d int64 step counter; below ``burn_in`` nothing is pooled.
+
+    Returns the fp64 ``(3, C)`` ``[count (every column), mean, m2]`` of the union of the pooled slots, each
+    compensated, weighted by its count (all 0 when nothing is pooled).
+    """
+    return cbn_prior_reference(count, mean, var, mean_at, var_at, compensable, w_mean, w_var, step, burn_in)
+
+
+@cbn_prior.register_fake
+def _(count, mean, var, mean_at, var_at, compensable, w_mean, w_var, step, burn_in):
+    return mean.new_empty((3, mean.shape[1]), dtype=_F64)
+
+
 @torch.library.custom_op("syncnorm::backward_reduce", mutates_args=())
 def backward_reduce(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor, renorm: bool, weight_dtype: torch.dtype,
                     bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -612,6 +670,8 @@ backward_stats.register_kernel("cpu")(_cpu(backward_stats_reference, "backward_s
 backward_input.register_kernel("cpu")(_cpu(backward_input_reference, "backward_input"))
 forward_epilogue.register_kernel("cpu")(_cpu(forward_epilogue_reference, "forward_epilogue", cpp=False))
 forward_epilogue.register_kernel("cuda")(_cuda(forward_epilogue_reference, "forward_epilogue"))
+cbn_prior.register_kernel("cpu")(_cpu(cbn_prior_reference, "cbn_prior", cpp=False))
+cbn_prior.register_kernel("cuda")(_cuda(cbn_prior_reference, "cbn_prior"))
 batch_stats.register_kernel("cuda")(_cuda(batch_stats_reference, "batch_stats"))
 normalize.register_kernel("cuda")(_cuda(normalize_reference, "normalize"))
 backward_stats.register_kernel("cuda")(_cuda(backward_stats_reference, "backward_stats"))

@@ -106,6 +106,7 @@ __all__ = [
     "forward_epilogue_triton",
     "backward_reduce_triton",
     "backward_apply_triton",
+    "cbn_prior_triton",
 ]
 
 _F64 = torch.float64
@@ -477,6 +478,56 @@ def _forward_epilogue_kernel(total_ptr, prior_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
     tl.store(counts_ptr + 2, used_n)
 
 
+@_jit
+def _cbn_slot(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, comp_ptr, wm_ptr, wv_ptr, s, cols, m, active, C,
+              COMPENSATE: tl.constexpr):
+    """Slot ``s`` of Cross-Iteration BN's history for channels ``cols``: its count (0 unless pooled) and its
+    compensated mean and variance, both exactly 0 where the slot is not pooled (ops.cbn_prior_reference)."""
+    n = tl.load(count_ptr + s).to(tl.float64)
+    n = tl.where(active, n, 0.0)
+    off = s * C + cols
+    mean = tl.load(mean_ptr + off, mask=m, other=0.0).to(tl.float64)
+    var = tl.load(var_ptr + off, mask=m, other=0.0).to(tl.float64)
+    if COMPENSATE:
+        ok = tl.load(comp_ptr + s) != 0
+        d_mean = tl.where(ok, tl.load(wm_ptr + off, mask=m, other=0.0).to(tl.float64)
+                          - tl.load(mean_at_ptr + off, mask=m, other=0.0).to(tl.float64), 0.0)
+        d_var = tl.where(ok, tl.load(wv_ptr + off, mask=m, other=0.0).to(tl.float64)
+                         - tl.load(var_at_ptr + off, mask=m, other=0.0).to(tl.float64), 0.0)
+        mean = mean + d_mean
+        var = tl.maximum(var + d_var - d_mean * d_mean, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    used = n > 0
+    return n, tl.where(used, mean, 0.0), tl.where(used, var, 0.0)
+
+
+@_jit
+def _cbn_prior_kernel(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, comp_ptr, wm_ptr, wv_ptr, step_ptr,
+                      out_ptr, S, C, burn_in, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Cross-Iteration BN's pooled prior ``[count, mean, m2]`` (3 rows of C, fp64) for one block of channels: three
+    passes over the S slots (the total count, the weighted mean, the m2 about it), in slot order as the reference
+    sums."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = cols < C
+    active = tl.load(step_ptr) >= burn_in
+    total = tl.full((BLOCK_C,), 0.0, tl.float64)
+    for s in range(0, S):
+        total += tl.where(active, tl.load(count_ptr + s).to(tl.float64), 0.0)
+    safe_total = tl.where(total > 1.0, total, 1.0)
+    pooled = tl.full((BLOCK_C,), 0.0, tl.float64)
+    for s in range(0, S):
+        n, mean, var = _cbn_slot(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, comp_ptr, wm_ptr, wv_ptr, s,
+                                 cols, m, active, C, COMPENSATE)
+        pooled += (n / safe_total) * mean
+    m2 = tl.full((BLOCK_C,), 0.0, tl.float64)
+    for s in range(0, S):
+        n, mean, var = _cbn_slot(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, comp_ptr, wm_ptr, wv_ptr, s,
+                                 cols, m, active, C, COMPENSATE)
+        m2 += n * (var + (mean - pooled) * (mean - pooled))
+    tl.store(out_ptr + cols, total, mask=m)
+    tl.store(out_ptr + C + cols, pooled, mask=m)
+    tl.store(out_ptr + 2 * C + cols, m2, mask=m)
+
+
 # ------------------------------------------------------------------------------------------------------- launchers
 
 
@@ -733,3 +784,26 @@ def interpreted() -> bool:
         return _INTERPRET_AT_IMPORT
     return isinstance(_normalize_kernel, InterpretedFunction)
 
+
+_CBN_BLOCK_C = 128
+
+
+def cbn_prior_triton(count: Tensor, mean: Tensor, var: Tensor, mean_at: Tensor, var_at: Tensor, compensable: Tensor,
+                     w_mean, w_var, step: Tensor, burn_in: int) -> Tensor:
+    """:func:`syncnorm.ops.cbn_prior` as one kernel: one program per block of channels, three passes over the slots."""
+    if triton is None:
+        raise RuntimeError(f"syncnorm.triton_ops.cbn_prior_triton: triton could not be imported ({_IMPORT_ERROR})")
+    if (w_mean is None) != (w_var is None):
+        raise ValueError("syncnorm.triton_ops.cbn_prior_triton: w_mean and w_var go together")
+    S, C = mean.shape
+    out = torch.empty((3, C), dtype=_F64, device=mean.device)
+    if C == 0:
+        return out
+    compensate = w_mean is not None
+    with _on_device(mean):
+        _cbn_prior_kernel[(_cdiv(C, _CBN_BLOCK_C),)](
+            count.contiguous(), mean.contiguous(), var.contiguous(), mean_at.contiguous(), var_at.contiguous(),
+            compensable.contiguous(), (w_mean if compensate else mean).contiguous(),
+            (w_var if compensate else var).contiguous(), step, out, S, C, int(burn_in), COMPENSATE=compensate,
+            BLOCK_C=min(_pow2(C), _CBN_BLOCK_C), enable_fp_fusion=False)
+    return out

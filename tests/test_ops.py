@@ -45,6 +45,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncnorm import ops
+from syncnorm.stats import Moments, merge_all
 
 pytestmark = pytest.mark.skipif(not ops.cpu_kernels_available(), reason="the C++ CPU kernels could not be built")
 
@@ -611,6 +612,72 @@ def test_forward_epilogue_semantics(case):
 def test_forward_epilogue_opcheck(case):
     c = epilogue_case(**EPILOGUE_CASES[case])
     result = torch.library.opcheck(ops.forward_epilogue, tuple(c["args"].values()))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+# ---------------------------------------------------------------------------------------------------- cbn_prior
+
+CBN_PRIOR_CASES = {
+    "compensated": dict(slots=3, compensate=True, active=True),
+    "as-recorded": dict(slots=3, compensate=False, active=True),
+    "burn-in": dict(slots=3, compensate=True, active=False),
+    "one-slot": dict(slots=1, compensate=True, active=True),
+    "many-channels": dict(slots=2, compensate=True, active=True, channels=300),
+}
+
+
+def cbn_prior_case(*, slots: int, compensate: bool, active: bool, channels: int = 5, seed: int = 3) -> dict:
+    """Arguments of ops.cbn_prior: slots with uneven counts, one never written (count 0) and holding NaN (it must not
+    leak into the pool), one not compensable; the data's mean (40) far larger than its spread (the m2 about the
+    pooled mean must keep its digits)."""
+    g = torch.Generator().manual_seed(seed)
+    S, C = slots, channels
+    count = torch.tensor([6.0, 0.0, 11.0, 3.0][:S], dtype=F64)
+    mean = 40 + torch.randn(S, C, generator=g, dtype=F64)
+    var = torch.rand(S, C, generator=g, dtype=F64) + 0.5
+    mean_at = torch.randn(S, C, generator=g, dtype=F64)
+    var_at = torch.randn(S, C, generator=g, dtype=F64) * 0.1
+    compensable = torch.tensor([True, True, False, True][:S])
+    if S > 1:
+        mean[1], var[1] = float("nan"), float("nan")
+    w_mean = w_var = None
+    if compensate:
+        w_mean = mean_at + 0.3 * torch.randn(S, C, generator=g, dtype=F64)
+        w_var = var_at + 0.05 * torch.randn(S, C, generator=g, dtype=F64)
+    step = torch.tensor(7 if active else 2, dtype=torch.long)
+    return dict(count=count, mean=mean, var=var, mean_at=mean_at, var_at=var_at, compensable=compensable,
+                w_mean=w_mean, w_var=w_var, step=step, burn_in=5)
+
+
+@pytest.mark.parametrize("case", list(CBN_PRIOR_CASES))
+def test_cbn_prior_from_first_principles(case):
+    """The pooled prior is the exact union (Chan's merge) of the slots of nonzero count, each compensated slot moved
+    by the first-order change of its mean and variance; nothing while the step counter is below burn_in."""
+    a = cbn_prior_case(**CBN_PRIOR_CASES[case])
+    got = ops.cbn_prior(*a.values())
+    C = a["mean"].shape[1]
+    parts = [Moments.empty(C)]
+    for s in range(a["mean"].shape[0]):
+        n = float(a["count"][s])
+        if n == 0 or int(a["step"]) < a["burn_in"]:
+            continue
+        mean, var = a["mean"][s].clone(), a["var"][s].clone()
+        if a["w_mean"] is not None and bool(a["compensable"][s]):
+            d_mean = a["w_mean"][s] - a["mean_at"][s]
+            d_var = a["w_var"][s] - a["var_at"][s]
+            mean, var = mean + d_mean, (var + d_var - d_mean ** 2).clamp_min(0)
+        parts.append(Moments.from_mean_var(n, mean, var))
+    want = merge_all(parts)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], want.count.expand(C), rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want.mean, rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(got[2], want.m2, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", ["compensated", "as-recorded"])
+def test_cbn_prior_opcheck(case):
+    a = cbn_prior_case(**CBN_PRIOR_CASES[case])
+    result = torch.library.opcheck(ops.cbn_prior, tuple(a.values()))
     assert all(v == "SUCCESS" for v in result.values()), result
 
 

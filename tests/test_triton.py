@@ -65,7 +65,9 @@ import syncnorm  # noqa: E402
 from syncnorm import ops  # noqa: E402
 from tests.dist.harness import run_distributed  # noqa: E402
 from tests.test_ops import (  # noqa: E402
+    CBN_PRIOR_CASES,
     EPILOGUE_CASES,
+    cbn_prior_case,
     apply_args,
     backward_case,
     check_backward_pair,
@@ -328,7 +330,7 @@ def test_kernels_compile_for_sm90(monkeypatch):
     except ImportError as e:
         pytest.skip(f"this triton has no NVIDIA backend or another layout of its internals ({e})")
     kernel_names = ["_batch_stats_partial", "_backward_stats_partial", "_finish_sums", "_normalize_kernel",
-                    "_backward_input_kernel", "_forward_epilogue_kernel"]
+                    "_backward_input_kernel", "_forward_epilogue_kernel", "_cbn_prior_kernel"]
     cases = [(_arrange((1, 3), None, torch.float32, 0.0, 1.0, 0), False),  # count 1, rows 1
              (_arrange((2, 1, 5), None, torch.bfloat16, 0.0, 1.0, 0), False),  # C = 1
              (_arrange((3, 5, 7, 9), None, torch.float16, 0.0, 1.0, 0), False),
@@ -346,6 +348,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
                 getattr(compiled, f"{name}_triton")(*make_args(name, x))
         for case in EPILOGUE_CASES:  # every combination of the epilogue's flags the layers use
             epilogue_call(compiled.forward_epilogue_triton, epilogue_case(**EPILOGUE_CASES[case]))
+        for case in CBN_PRIOR_CASES:
+            compiled.cbn_prior_triton(*cbn_prior_case(**CBN_PRIOR_CASES[case]).values())
         for x, wide in cases:
             monkeypatch.setattr(compiled, "_plan", lambda *a, __wide=wide: plan(*a)._replace(wide=__wide))
             b = backward_case(x)
@@ -551,6 +555,25 @@ def test_forward_epilogue_triton_matches_reference(tops, monkeypatch, case, bloc
             torch.testing.assert_close(got, want, rtol=2 * eps(want.dtype), atol=2 * eps(want.dtype))
         else:
             assert int(got) == int(want)
+
+
+@pytest.mark.parametrize("case", list(CBN_PRIOR_CASES))
+def test_cbn_prior_triton_matches_reference(tops, case):
+    """CBN's pooled-prior kernel against the reference (which tests/test_ops.py checks from first principles): the
+    counts exactly, mean and m2 to a few fp64 ulps; the NaN of a never-written slot does not leak."""
+    a = cbn_prior_case(**CBN_PRIOR_CASES[case])
+    want = ops.cbn_prior_reference(*a.values())
+    got = tops.cbn_prior_triton(*a.values())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1:], want[1:], rtol=8 * eps(F64), atol=8 * eps(F64) * float(want[1:].abs().max()))
+
+
+def test_cbn_prior_opcheck_with_triton_forced(tops):
+    a = cbn_prior_case(**CBN_PRIOR_CASES["compensated"])
+    with ops.use_triton(True):
+        result = torch.library.opcheck(ops.cbn_prior, tuple(a.values()))
+    assert all(v == "SUCCESS" for v in result.values()), result
 
 
 @pytest.mark.parametrize("case", ["renorm-prior-cumulative", "no-affine-no-running", "fp16-running"])

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
+from .. import ops
 from ..functional import NormInfo, normalize
 from ..stats import Moments, accumulation_dtype, capturing
 from .sync_batchnorm import GlobalStatsBatchNorm
@@ -496,26 +497,22 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
         var = self.history_var.to(_F64)
         if conv is not None:
             w_dot_mean, w_dot_var = self._weight_products(conv, self.history_dmean, self.history_dvar)
-            ok = self.history_compensable.unsqueeze(1)
-            d_mean = torch.where(ok, w_dot_mean - self.history_mean_at.to(_F64), 0.0)
-            d_var = torch.where(ok, w_dot_var - self.history_var_at.to(_F64), 0.0)
-            mean, var = mean + d_mean, (var + d_var - d_mean * d_mean).clamp_min(0.0)
+            mean, var = ops.cbn_compensate(mean, var, self.history_mean_at, self.history_var_at,
+                                           self.history_compensable, w_dot_mean, w_dot_var)
         return count, mean, var
 
-    def _compensated_prior(self, conv: Optional[_ConvNd]) -> Moments:
-        """The pooled (compensated) history as one set of moments; of count 0 (and mean, m2 0) while the step
-        counter is below ``burn_in``. Computed on the device, over every slot, weighted by the slots' counts."""
+    def _compensated_prior(self, conv: Optional[_ConvNd]) -> torch.Tensor:
+        """The pooled (compensated) history as the fp64 ``(3, C)`` prior ``[count, mean, m2]`` of
+        :func:`syncnorm.ops.cbn_prior`: count 0 (and mean, m2 0) while the step counter is below ``burn_in``.
+        Computed on the device, over every slot, weighted by the slots' counts: the weight products (two matmuls)
+        and one op."""
         with torch.no_grad():
-            count, mean, var = self._history(conv)
-            count = torch.where(self.step >= self.burn_in, count, 0.0)
-            used = (count > 0).unsqueeze(1)
-            # slots not pooled contribute exact zeros (even if what they hold is not finite)
-            mean, var = torch.where(used, mean, 0.0), torch.where(used, var, 0.0)
-            total = count.sum()
-            w = (count / total.clamp_min(1)).unsqueeze(1)
-            pooled_mean = (w * mean).sum(0)
-            m2 = (count.unsqueeze(1) * (var + (mean - pooled_mean) ** 2)).sum(0)
-            return Moments(total, pooled_mean, m2)
+            w_dot_mean = w_dot_var = None
+            if conv is not None:
+                w_dot_mean, w_dot_var = self._weight_products(conv, self.history_dmean, self.history_dvar)
+            return ops.cbn_prior(self.history_count, self.history_mean, self.history_var, self.history_mean_at,
+                                 self.history_var_at, self.history_compensable, w_dot_mean, w_dot_var, self.step,
+                                 self.burn_in)
 
     def compensated_history(self) -> Moments:
         """Per-slot moments of the recorded iterations as they would be used now: ``count (S,)``, ``mean (S, C)``,
