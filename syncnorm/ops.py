@@ -18,7 +18,8 @@ constants ``[k, s, h]`` that ``normalize`` takes, and updates the running statis
 where its reference implementation is about fifty small torch operations (counted with a dispatch mode; a launch
 each). On CPU that reference *is* its kernel (O(C) work; a C++ version would save microseconds). Cross-Iteration BN's
 pooled, compensated history (the prior it merges) is one O(S C) op too, :func:`cbn_prior` (one kernel on CUDA, about
-thirty torch operations in its reference).
+thirty torch operations in its reference), and so is the record of a step into that history, :func:`cbn_record` (two
+kernels on CUDA, about forty operations in its reference).
 
 The per-channel constants are in the accumulation dtype (fp32 for fp16/bf16/fp32 input, fp64 for fp64 input); the
 outputs ``y`` and ``dx`` have the input's dtype and memory format. What the constants mean, and the two collectives
@@ -88,6 +89,8 @@ __all__ = [
     "cbn_prior",
     "cbn_prior_reference",
     "cbn_compensate",
+    "cbn_record",
+    "cbn_record_reference",
     "accumulation_dtype",
     "kernels_enabled",
     "set_kernels_enabled",
@@ -408,6 +411,68 @@ def _(count, mean, var, mean_at, var_at, compensable, w_mean, w_var, step, burn_
     return mean.new_empty((3, mean.shape[1]), dtype=_F64)
 
 
+_CBN_HISTORY = ("history_count", "history_mean", "history_var", "history_mean_at", "history_var_at",
+                "history_compensable", "history_dmean", "history_dvar", "history_next", "history_filled")
+
+
+def cbn_record_reference(history_count: Tensor, history_mean: Tensor, history_var: Tensor, history_mean_at: Tensor,
+                         history_var_at: Tensor, history_compensable: Tensor, history_dmean: Tensor,
+                         history_dvar: Tensor, history_next: Tensor, history_filled: Tensor, step: Tensor,
+                         count: Tensor, mean: Tensor, m2: Tensor, dmean: Optional[Tensor], dvar: Optional[Tensor],
+                         w_mean: Optional[Tensor], w_var: Optional[Tensor], burn_in: int) -> None:
+    """Reference of :func:`cbn_record`, in plain torch operations (masked ``index_copy_`` into each buffer)."""
+    slots = history_count.shape[0]
+    do = (step >= burn_in - slots) & (count > 0)
+    index = history_next.view(1)
+
+    def put(buf: Tensor, value) -> None:
+        # buf[slot] = value where `do`, else unchanged
+        value = value.to(buf.dtype) if isinstance(value, Tensor) else value  # (a scalar: no copy)
+        buf.index_copy_(0, index, torch.where(do, value, buf.index_select(0, index)))
+
+    put(history_count, count)
+    put(history_mean, mean)
+    put(history_var, m2 / count.clamp_min(1))  # (written only where count > 0: the biased variance)
+    compensate = dmean is not None
+    if compensate:
+        put(history_dmean, dmean)
+        put(history_dvar, dvar)
+        put(history_mean_at, w_mean)
+        put(history_var_at, w_var)
+    else:
+        put(history_mean_at, 0.0)
+        put(history_var_at, 0.0)
+    put(history_compensable, compensate)
+    history_next.copy_((history_next + do.to(history_next.dtype)) % slots)
+    history_filled.copy_(torch.where(do, (history_filled + 1).clamp(0, slots), history_filled))
+
+
+@torch.library.custom_op("syncnorm::cbn_record", mutates_args=_CBN_HISTORY)
+def cbn_record(history_count: Tensor, history_mean: Tensor, history_var: Tensor, history_mean_at: Tensor,
+               history_var_at: Tensor, history_compensable: Tensor, history_dmean: Tensor, history_dvar: Tensor,
+               history_next: Tensor, history_filled: Tensor, step: Tensor, count: Tensor, mean: Tensor, m2: Tensor,
+               dmean: Optional[Tensor], dvar: Optional[Tensor], w_mean: Optional[Tensor], w_var: Optional[Tensor],
+               burn_in: int) -> None:
+    """Cross-Iteration BN's record of one step into its ring buffer of ``S`` slots, in place, in one op.
+
+    Where ``step >= burn_in - S`` and the global ``count`` (0-d) is above 0, slot ``history_next`` gets the step's
+    ``count``, ``mean`` and biased variance ``m2 / count`` (``mean``, ``m2``: ``(C,)`` fp64); with ``dmean`` given, also the derivatives ``dmean``
+    (``history_dmean``'s slot shape) and ``dvar``, their products with this step's weights ``w_mean``, ``w_var``
+    (``(C,)``, into ``history_mean_at`` / ``history_var_at``) and ``history_compensable`` True; without, 0, 0 and
+    False (the derivative slots keep what they held). Then ``history_next`` advances by one modulo ``S`` and
+    ``history_filled`` (at most ``S``) by one. Otherwise nothing changes. Nothing is read on the host.
+    """
+    cbn_record_reference(history_count, history_mean, history_var, history_mean_at, history_var_at,
+                         history_compensable, history_dmean, history_dvar, history_next, history_filled, step, count,
+                         mean, m2, dmean, dvar, w_mean, w_var, burn_in)
+
+
+@cbn_record.register_fake
+def _(history_count, history_mean, history_var, history_mean_at, history_var_at, history_compensable, history_dmean,
+      history_dvar, history_next, history_filled, step, count, mean, m2, dmean, dvar, w_mean, w_var, burn_in):
+    return None
+
+
 @torch.library.custom_op("syncnorm::backward_reduce", mutates_args=())
 def backward_reduce(dy: Tensor, x: Tensor, center: Tensor, stats: Tensor, renorm: bool, weight_dtype: torch.dtype,
                     bias_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -672,6 +737,8 @@ forward_epilogue.register_kernel("cpu")(_cpu(forward_epilogue_reference, "forwar
 forward_epilogue.register_kernel("cuda")(_cuda(forward_epilogue_reference, "forward_epilogue"))
 cbn_prior.register_kernel("cpu")(_cpu(cbn_prior_reference, "cbn_prior", cpp=False))
 cbn_prior.register_kernel("cuda")(_cuda(cbn_prior_reference, "cbn_prior"))
+cbn_record.register_kernel("cpu")(_cpu(cbn_record_reference, "cbn_record", cpp=False))
+cbn_record.register_kernel("cuda")(_cuda(cbn_record_reference, "cbn_record"))
 batch_stats.register_kernel("cuda")(_cuda(batch_stats_reference, "batch_stats"))
 normalize.register_kernel("cuda")(_cuda(normalize_reference, "normalize"))
 backward_stats.register_kernel("cuda")(_cuda(backward_stats_reference, "backward_stats"))

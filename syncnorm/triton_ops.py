@@ -107,6 +107,7 @@ __all__ = [
     "backward_reduce_triton",
     "backward_apply_triton",
     "cbn_prior_triton",
+    "cbn_record_triton",
 ]
 
 _F64 = torch.float64
@@ -528,6 +529,49 @@ def _cbn_prior_kernel(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, com
     tl.store(out_ptr + 2 * C + cols, m2, mask=m)
 
 
+@_jit
+def _cbn_record_data_kernel(next_ptr, step_ptr, count_ptr, mean_ptr, m2_ptr, wm_ptr, wv_ptr, dmean_ptr, dvar_ptr,
+                            h_mean_ptr, h_var_ptr, h_mean_at_ptr, h_var_at_ptr, h_dmean_ptr, h_dvar_ptr, S, C, ND, NV,
+                            burn_in, COMPENSATE: tl.constexpr, BLOCK: tl.constexpr):
+    """The per-channel and weight-sized parts of CBN's record (ops.cbn_record): this program's block of each of the
+    (C,) rows and of the two derivative slots, stored into slot ``next`` where the step records (masked stores: an
+    unrecorded step writes nothing). ``next`` is read here and advanced by the scalar kernel launched after."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.load(next_ptr)
+    n = tl.load(count_ptr)
+    do = (tl.load(step_ptr) >= burn_in - S) & (n > 0)
+    mc = (offs < C) & do
+    tl.store(h_mean_ptr + slot * C + offs, tl.load(mean_ptr + offs, mask=mc, other=0.0), mask=mc)
+    safe_n = tl.where(n > 0, n, 1.0)  # (stored only where n > 0: then it is n)
+    tl.store(h_var_ptr + slot * C + offs, tl.load(m2_ptr + offs, mask=mc, other=0.0) / safe_n, mask=mc)
+    if COMPENSATE:
+        tl.store(h_mean_at_ptr + slot * C + offs, tl.load(wm_ptr + offs, mask=mc, other=0.0), mask=mc)
+        tl.store(h_var_at_ptr + slot * C + offs, tl.load(wv_ptr + offs, mask=mc, other=0.0), mask=mc)
+        md = (offs < ND) & do
+        tl.store(h_dmean_ptr + slot * ND + offs, tl.load(dmean_ptr + offs, mask=md, other=0.0), mask=md)
+        mv = (offs < NV) & do
+        tl.store(h_dvar_ptr + slot * NV + offs, tl.load(dvar_ptr + offs, mask=mv, other=0.0), mask=mv)
+    else:
+        zero = tl.full((BLOCK,), 0.0, tl.float64)
+        tl.store(h_mean_at_ptr + slot * C + offs, zero, mask=mc)
+        tl.store(h_var_at_ptr + slot * C + offs, zero, mask=mc)
+
+
+@_jit
+def _cbn_record_scalar_kernel(next_ptr, filled_ptr, step_ptr, count_ptr, h_count_ptr, h_comp_ptr, S, burn_in,
+                              COMPENSATE: tl.constexpr):
+    """The scalar part of CBN's record, one program, after the data kernel: the slot's count and compensable flag,
+    then ``next`` and ``filled`` advanced (where the step records)."""
+    slot = tl.load(next_ptr)
+    n = tl.load(count_ptr)
+    do = (tl.load(step_ptr) >= burn_in - S) & (n > 0)
+    tl.store(h_count_ptr + slot, n.to(h_count_ptr.dtype.element_ty), mask=do)
+    tl.store(h_comp_ptr + slot, tl.full((), COMPENSATE, tl.int1), mask=do)
+    filled = tl.load(filled_ptr)
+    tl.store(filled_ptr, tl.minimum(filled + 1, S), mask=do)
+    tl.store(next_ptr, (slot + 1) % S, mask=do)
+
+
 # ------------------------------------------------------------------------------------------------------- launchers
 
 
@@ -807,3 +851,46 @@ def cbn_prior_triton(count: Tensor, mean: Tensor, var: Tensor, mean_at: Tensor, 
             (w_var if compensate else var).contiguous(), step, out, S, C, int(burn_in), COMPENSATE=compensate,
             BLOCK_C=min(_pow2(C), _CBN_BLOCK_C), enable_fp_fusion=False)
     return out
+
+
+_CBN_RECORD_BLOCK = 1024
+
+
+def cbn_record_triton(history_count: Tensor, history_mean: Tensor, history_var: Tensor, history_mean_at: Tensor,
+                      history_var_at: Tensor, history_compensable: Tensor, history_dmean: Tensor, history_dvar: Tensor,
+                      history_next: Tensor, history_filled: Tensor, step: Tensor, count: Tensor, mean: Tensor,
+                      m2: Tensor, dmean, dvar, w_mean, w_var, burn_in: int) -> None:
+    """:func:`syncnorm.ops.cbn_record` as two kernels: the rows and derivative slots (one program per block of
+    elements), then one program for the slot's count, its flag and the ring's position."""
+    if triton is None:
+        raise RuntimeError(f"syncnorm.triton_ops.cbn_record_triton: triton could not be imported ({_IMPORT_ERROR})")
+    compensate = dmean is not None
+    if compensate and (dvar is None or w_mean is None or w_var is None):
+        raise ValueError("syncnorm.triton_ops.cbn_record_triton: dmean, dvar, w_mean and w_var go together")
+    buffers = (history_count, history_mean, history_var, history_mean_at, history_var_at, history_compensable,
+               history_dmean, history_dvar, history_next, history_filled)
+    if not all(b.is_contiguous() for b in buffers):
+        raise ValueError("syncnorm.triton_ops.cbn_record_triton: the history buffers must be contiguous (they are "
+                         "written in place)")
+    S, C = history_mean.shape
+    nd = history_dmean[0].numel() if compensate else 0
+    nv = history_dvar[0].numel() if compensate else 0
+    if compensate:
+        dmean = dmean.to(history_dmean.dtype).contiguous()
+        dvar = dvar.to(history_dvar.dtype).contiguous()
+        if dmean.numel() != nd or dvar.numel() != nv:
+            raise ValueError(f"syncnorm.triton_ops.cbn_record_triton: derivatives of {dmean.numel()} and "
+                             f"{dvar.numel()} values for slots of {nd} and {nv}")
+    mean, m2 = mean.to(_F64).contiguous(), m2.to(_F64).contiguous()
+    count = count.to(_F64)
+    w_mean = mean if w_mean is None else w_mean.to(_F64).contiguous()
+    w_var = mean if w_var is None else w_var.to(_F64).contiguous()
+    dmean = mean if dmean is None else dmean
+    dvar = mean if dvar is None else dvar
+    with _on_device(mean):
+        _cbn_record_data_kernel[(_cdiv(max(C, nd, nv, 1), _CBN_RECORD_BLOCK),)](
+            history_next, step, count, mean, m2, w_mean, w_var, dmean, dvar, history_mean, history_var,
+            history_mean_at, history_var_at, history_dmean, history_dvar, S, C, nd, nv, int(burn_in),
+            COMPENSATE=compensate, BLOCK=_CBN_RECORD_BLOCK)
+        _cbn_record_scalar_kernel[(1,)](history_next, history_filled, step, count, history_count,
+                                        history_compensable, S, int(burn_in), COMPENSATE=compensate)

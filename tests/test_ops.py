@@ -681,6 +681,75 @@ def test_cbn_prior_opcheck(case):
     assert all(v == "SUCCESS" for v in result.values()), result
 
 
+CBN_RECORD_CASES = {
+    "compensated": dict(compensate=True),
+    "as-recorded": dict(compensate=False),
+    "wraps": dict(compensate=True, next_slot=2, filled=3),
+    "empty-batch": dict(compensate=True, count=0.0),
+    "before-burn-in": dict(compensate=True, step=1),
+    "bf16-derivatives": dict(compensate=True, deriv_dtype=torch.bfloat16),
+    "one-slot": dict(compensate=True, slots=1, next_slot=0, filled=1),
+}
+
+
+def cbn_record_case(*, compensate: bool, slots: int = 3, next_slot: int = 1, filled: int = 1, count: float = 12.0,
+                    step: int = 9, deriv_dtype=torch.float32, channels: int = 6, groups: int = 2, k: int = 5,
+                    seed: int = 4) -> dict:
+    """Arguments of ops.cbn_record: a history of 3 slots (burn_in 5: the steps from 3 on record) already holding
+    data, and one step's values."""
+    g = torch.Generator().manual_seed(seed)
+    S, C = slots, channels
+    r = lambda *shape, dtype=F64: torch.randn(*shape, generator=g, dtype=F64).to(dtype)  # noqa: E731
+    history = dict(
+        history_count=torch.tensor([5.0, 7.0, 9.0][:S], dtype=F64), history_mean=r(S, C), history_var=r(S, C).abs(),
+        history_mean_at=r(S, C), history_var_at=r(S, C), history_compensable=torch.tensor([True, False, True][:S]),
+        history_dmean=r(S, groups, k, dtype=deriv_dtype), history_dvar=r(S, C, k, dtype=deriv_dtype),
+        history_next=torch.tensor(next_slot), history_filled=torch.tensor(filled))
+    values = dict(step=torch.tensor(step), count=torch.tensor(count, dtype=F64), mean=r(C), m2=r(C).abs() * count,
+                  dmean=r(groups, k).to(deriv_dtype) if compensate else None,
+                  dvar=r(C, k).to(deriv_dtype) if compensate else None,
+                  w_mean=r(C) if compensate else None, w_var=r(C) if compensate else None, burn_in=5)
+    return {**history, **values}
+
+
+def cbn_record_expected(a: dict) -> dict:
+    """What ops.cbn_record must leave in the buffers, written out slot by slot."""
+    out = {k: v.clone() for k, v in a.items() if k.startswith("history_")}
+    S = out["history_count"].shape[0]
+    if not (int(a["step"]) >= a["burn_in"] - S and float(a["count"]) > 0):
+        return out
+    i = int(a["history_next"])
+    out["history_count"][i] = a["count"]
+    out["history_mean"][i] = a["mean"]
+    out["history_var"][i] = a["m2"] / a["count"]
+    compensate = a["dmean"] is not None
+    out["history_compensable"][i] = compensate
+    out["history_mean_at"][i] = a["w_mean"] if compensate else 0.0
+    out["history_var_at"][i] = a["w_var"] if compensate else 0.0
+    if compensate:
+        out["history_dmean"][i] = a["dmean"]
+        out["history_dvar"][i] = a["dvar"]
+    out["history_next"].fill_((i + 1) % S)
+    out["history_filled"].fill_(min(int(a["history_filled"]) + 1, S))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CBN_RECORD_CASES))
+def test_cbn_record_writes_one_slot(case):
+    a = cbn_record_case(**CBN_RECORD_CASES[case])
+    want = cbn_record_expected(a)
+    ops.cbn_record(*a.values())
+    for name, value in want.items():
+        torch.testing.assert_close(a[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("case", ["compensated", "as-recorded"])
+def test_cbn_record_opcheck(case):
+    a = cbn_record_case(**CBN_RECORD_CASES[case])
+    result = torch.library.opcheck(ops.cbn_record, tuple(a.values()))
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
 # ------------------------------------------------------------------------ backward_reduce and backward_apply
 
 def backward_case(x: torch.Tensor, seed: int = 1) -> dict:

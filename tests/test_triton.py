@@ -66,8 +66,11 @@ from syncnorm import ops  # noqa: E402
 from tests.dist.harness import run_distributed  # noqa: E402
 from tests.test_ops import (  # noqa: E402
     CBN_PRIOR_CASES,
+    CBN_RECORD_CASES,
     EPILOGUE_CASES,
     cbn_prior_case,
+    cbn_record_case,
+    cbn_record_expected,
     apply_args,
     backward_case,
     check_backward_pair,
@@ -88,7 +91,8 @@ from tests.test_ops import (  # noqa: E402
 
 OPS = ["batch_stats", "normalize", "backward_stats", "backward_input"]
 # the ops a layer's training step runs (the Triton launchers the 2-rank world counts)
-LAYER_OPS = ["batch_stats", "forward_epilogue", "normalize", "backward_reduce", "backward_apply"]
+LAYER_OPS = ["batch_stats", "forward_epilogue", "normalize", "backward_reduce", "backward_apply", "cbn_prior",
+             "cbn_record"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "bf16", "fp64"]
 C = 5
@@ -330,7 +334,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
     except ImportError as e:
         pytest.skip(f"this triton has no NVIDIA backend or another layout of its internals ({e})")
     kernel_names = ["_batch_stats_partial", "_backward_stats_partial", "_finish_sums", "_normalize_kernel",
-                    "_backward_input_kernel", "_forward_epilogue_kernel", "_cbn_prior_kernel"]
+                    "_backward_input_kernel", "_forward_epilogue_kernel", "_cbn_prior_kernel",
+                    "_cbn_record_data_kernel", "_cbn_record_scalar_kernel"]
     cases = [(_arrange((1, 3), None, torch.float32, 0.0, 1.0, 0), False),  # count 1, rows 1
              (_arrange((2, 1, 5), None, torch.bfloat16, 0.0, 1.0, 0), False),  # C = 1
              (_arrange((3, 5, 7, 9), None, torch.float16, 0.0, 1.0, 0), False),
@@ -350,6 +355,8 @@ def test_kernels_compile_for_sm90(monkeypatch):
             epilogue_call(compiled.forward_epilogue_triton, epilogue_case(**EPILOGUE_CASES[case]))
         for case in CBN_PRIOR_CASES:
             compiled.cbn_prior_triton(*cbn_prior_case(**CBN_PRIOR_CASES[case]).values())
+        for case in CBN_RECORD_CASES:
+            compiled.cbn_record_triton(*cbn_record_case(**CBN_RECORD_CASES[case]).values())
         for x, wide in cases:
             monkeypatch.setattr(compiled, "_plan", lambda *a, __wide=wide: plan(*a)._replace(wide=__wide))
             b = backward_case(x)
@@ -567,6 +574,23 @@ def test_cbn_prior_triton_matches_reference(tops, case):
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1:], want[1:], rtol=8 * eps(F64), atol=8 * eps(F64) * float(want[1:].abs().max()))
+
+
+@pytest.mark.parametrize("case", list(CBN_RECORD_CASES))
+def test_cbn_record_triton_writes_one_slot(tops, case):
+    """CBN's record kernels against the slot-by-slot expectation (the same as the reference's): bitwise."""
+    a = cbn_record_case(**CBN_RECORD_CASES[case])
+    want = cbn_record_expected(a)
+    tops.cbn_record_triton(*a.values())
+    for name, value in want.items():
+        torch.testing.assert_close(a[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_cbn_record_opcheck_with_triton_forced(tops):
+    a = cbn_record_case(**CBN_RECORD_CASES["compensated"])
+    with ops.use_triton(True):
+        result = torch.library.opcheck(ops.cbn_record, tuple(a.values()))
+    assert all(v == "SUCCESS" for v in result.values()), result
 
 
 def test_cbn_prior_opcheck_with_triton_forced(tops):

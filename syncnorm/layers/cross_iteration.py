@@ -433,22 +433,9 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
     def _record(self, info: NormInfo, conv: Optional[_ConvNd]) -> None:
         """Write this step's global moments (and derivatives) into the ring-buffer slot ``history_next``, on the
         device: nothing is written when the step is before ``burn_in - (window - 1)`` or its global batch is empty."""
-        slots = self.window - 1
         with torch.no_grad():
             count = info.global_count
-            do = (self.step >= self.burn_in - slots) & (count > 0)
-            index = self.history_next.view(1)
-
-            def put(buf: torch.Tensor, value) -> torch.Tensor:
-                # buf[slot] = value where `do`, else unchanged; returns the slot's content as written
-                value = value.to(buf.dtype) if isinstance(value, torch.Tensor) else value  # (a scalar: no copy)
-                new = torch.where(do, value, buf.index_select(0, index))
-                buf.index_copy_(0, index, new)
-                return new
-
-            put(self.history_count, count)
-            put(self.history_mean, info.batch.mean)
-            put(self.history_var, info.batch.var())
+            dmean = dvar = w_dot_mean = w_dot_var = None
             if conv is not None:
                 C, groups = self.num_features, conv.groups
                 per_channel = conv.weight[0].numel()
@@ -456,23 +443,18 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
                 safe_count = count.clamp_min(1)
                 patch = sums[:groups * per_channel].view(groups, 1, per_channel)
                 cross = sums[groups * per_channel:].view(groups, C // groups, per_channel)
-                dmean = patch / safe_count  # d mu_c / d W_c: mean input patch of c's group
-                dvar = 2.0 * (cross - info.batch.mean.view(groups, C // groups, 1) * patch) / safe_count
-                dmean = put(self.history_dmean, dmean.view(groups, per_channel))
-                dvar = put(self.history_dvar, dvar.view(C, per_channel))
+                # d mu_c / d W_c: mean input patch of c's group; d sigma_c^2 / d W_c; both as stored (rounded)
+                dmean = (patch / safe_count).view(groups, per_channel).to(self.history_dmean.dtype)
+                dvar = (2.0 * (cross - info.batch.mean.view(groups, C // groups, 1) * patch) / safe_count)
+                dvar = dvar.view(C, per_channel).to(self.history_dvar.dtype)
                 # products with the weights of this step, from the stored (rounded) derivatives, so that later
                 # <d, W_t> - <d, W_tau> is <d, W_t - W_tau> up to the rounding of the products
-                w_dot_mean, w_dot_var = self._weight_products(conv, dmean, dvar)
-                put(self.history_mean_at, w_dot_mean[0])
-                put(self.history_var_at, w_dot_var[0])
-                put(self.history_compensable, True)
-            else:
-                put(self.history_mean_at, 0.0)
-                put(self.history_var_at, 0.0)
-                put(self.history_compensable, False)
-            step_taken = do.to(self.history_next.dtype)
-            self.history_next.copy_((self.history_next + step_taken) % slots)
-            self.history_filled.copy_(torch.where(do, (self.history_filled + 1).clamp(0, slots), self.history_filled))
+                w_dot_mean, w_dot_var = self._weight_products(conv, dmean.unsqueeze(0), dvar.unsqueeze(0))
+                w_dot_mean, w_dot_var = w_dot_mean[0], w_dot_var[0]
+            ops.cbn_record(self.history_count, self.history_mean, self.history_var, self.history_mean_at,
+                           self.history_var_at, self.history_compensable, self.history_dmean, self.history_dvar,
+                           self.history_next, self.history_filled, self.step, count, info.batch.mean,
+                           info.batch.m2, dmean, dvar, w_dot_mean, w_dot_var, self.burn_in)
 
     def _weight_products(self, conv: _ConvNd, dmean: torch.Tensor, dvar: torch.Tensor):
         """``(<dmean_s, W>, <dvar_s, W>)`` per slot s and channel, plus the conv bias in the first; returned in fp64
