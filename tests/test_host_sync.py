@@ -162,3 +162,29 @@ def test_a_step_is_the_custom_ops(layer):
         y.backward(dy)
     assert fwd.ops == ["syncnorm.batch_stats", "syncnorm.forward_epilogue", "syncnorm.normalize"], fwd.ops
     assert bwd.ops == ["syncnorm.backward_reduce", "syncnorm.backward_apply"], bwd.ops
+
+
+def test_cross_iteration_bookkeeping_is_two_custom_ops():
+    """A CBN training step (window 4, compensated, past burn-in) runs its history bookkeeping as two custom ops:
+    cbn_prior before the statistics, cbn_record after the normalisation. What else its forward dispatches is the
+    weight-sized work the compensation needs (the conv weight-gradient statistics, two products with the weights,
+    the derivatives): a bounded number of ops, where the plain-torch bookkeeping was about 90 (this test fails if
+    it comes back)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    bn = syncnorm.CrossIterationBatchNorm(8, window=4, burn_in=2).attach(conv)
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(4):  # past burn-in: the history is pooled and recorded
+        bn(conv(x)).sum().backward()
+    h = conv(x)
+    with _Ops() as fwd:
+        y = bn(h)
+    mine = [op for op in fwd.ops if op.startswith("syncnorm.")]
+    assert mine == ["syncnorm.cbn_prior", "syncnorm.batch_stats", "syncnorm.forward_epilogue", "syncnorm.normalize",
+                    "syncnorm.cbn_record"], fwd.ops
+    work = [op for op in fwd.ops if op not in ("aten.unsqueeze", "aten.permute", "aten.promote_types")]  # (views)
+    assert len(work) <= 50, (len(work), work)
+    with _Ops() as bwd:
+        y.backward(torch.randn_like(y))
+    assert [op for op in bwd.ops if op.startswith("syncnorm.")] == ["syncnorm.backward_reduce",
+                                                                     "syncnorm.backward_apply"], bwd.ops
