@@ -565,9 +565,11 @@ def _cbn_record_scalar_kernel(next_ptr, filled_ptr, step_ptr, count_ptr, h_count
     slot = tl.load(next_ptr)
     n = tl.load(count_ptr)
     do = (tl.load(step_ptr) >= burn_in - S) & (n > 0)
+    filled = tl.load(filled_ptr)
+    # every thread of the program has read `next` and `filled` before one of them stores the new values
+    tl.debug_barrier()
     tl.store(h_count_ptr + slot, n.to(h_count_ptr.dtype.element_ty), mask=do)
     tl.store(h_comp_ptr + slot, tl.full((), COMPENSATE, tl.int1), mask=do)
-    filled = tl.load(filled_ptr)
     tl.store(filled_ptr, tl.minimum(filled + 1, S), mask=do)
     tl.store(next_ptr, (slot + 1) % S, mask=do)
 
