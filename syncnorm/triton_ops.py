@@ -505,15 +505,15 @@ def _cbn_slot(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, comp_ptr, w
 def _cbn_prior_kernel(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, comp_ptr, wm_ptr, wv_ptr, step_ptr,
                       out_ptr, S, C, burn_in, COMPENSATE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Cross-Iteration BN's pooled prior ``[count, mean, m2]`` (3 rows of C, fp64) for one block of channels: three
-    passes over the S slots (the total count, the weighted mean, the m2 about it), in slot order as the reference
-    sums."""
+    passes over the S slots (the total count, the weighted mean, the m2 about it), each summed in slot order (the
+    reference's ``.sum(0)`` may add them in another order: equal to a few ulps)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = cols < C
     active = tl.load(step_ptr) >= burn_in
     total = tl.full((BLOCK_C,), 0.0, tl.float64)
     for s in range(0, S):
         total += tl.where(active, tl.load(count_ptr + s).to(tl.float64), 0.0)
-    safe_total = tl.where(total > 1.0, total, 1.0)
+    safe_total = tl.maximum(total, 1.0, propagate_nan=tl.PropagateNan.ALL)  # (clamp_min(1))
     pooled = tl.full((BLOCK_C,), 0.0, tl.float64)
     for s in range(0, S):
         n, mean, var = _cbn_slot(count_ptr, mean_ptr, var_ptr, mean_at_ptr, var_at_ptr, comp_ptr, wm_ptr, wv_ptr, s,
@@ -542,7 +542,7 @@ def _cbn_record_data_kernel(next_ptr, step_ptr, count_ptr, mean_ptr, m2_ptr, wm_
     do = (tl.load(step_ptr) >= burn_in - S) & (n > 0)
     mc = (offs < C) & do
     tl.store(h_mean_ptr + slot * C + offs, tl.load(mean_ptr + offs, mask=mc, other=0.0), mask=mc)
-    safe_n = tl.where(n > 0, n, 1.0)  # (stored only where n > 0: then it is n)
+    safe_n = tl.maximum(n, 1.0, propagate_nan=tl.PropagateNan.ALL)  # (clamp_min(1), as the reference)
     tl.store(h_var_ptr + slot * C + offs, tl.load(m2_ptr + offs, mask=mc, other=0.0) / safe_n, mask=mc)
     if COMPENSATE:
         tl.store(h_mean_at_ptr + slot * C + offs, tl.load(wm_ptr + offs, mask=mc, other=0.0), mask=mc)
@@ -570,7 +570,7 @@ def _cbn_record_scalar_kernel(next_ptr, filled_ptr, step_ptr, count_ptr, h_count
     tl.debug_barrier()
     tl.store(h_count_ptr + slot, n.to(h_count_ptr.dtype.element_ty), mask=do)
     tl.store(h_comp_ptr + slot, tl.full((), COMPENSATE, tl.int1), mask=do)
-    tl.store(filled_ptr, tl.minimum(filled + 1, S), mask=do)
+    tl.store(filled_ptr, tl.maximum(tl.minimum(filled + 1, S), 0), mask=do)  # (clamp(0, S))
     tl.store(next_ptr, (slot + 1) % S, mask=do)
 
 

@@ -623,6 +623,7 @@ CBN_PRIOR_CASES = {
     "burn-in": dict(slots=3, compensate=True, active=False),
     "one-slot": dict(slots=1, compensate=True, active=True),
     "many-channels": dict(slots=2, compensate=True, active=True, channels=300),
+    "many-slots": dict(slots=7, compensate=True, active=True),
 }
 
 
@@ -632,12 +633,12 @@ def cbn_prior_case(*, slots: int, compensate: bool, active: bool, channels: int 
     pooled mean must keep its digits)."""
     g = torch.Generator().manual_seed(seed)
     S, C = slots, channels
-    count = torch.tensor([6.0, 0.0, 11.0, 3.0][:S], dtype=F64)
+    count = torch.tensor([6.0, 0.0, 11.0, 3.0, 1.0, 8.0, 2.0][:S], dtype=F64)
     mean = 40 + torch.randn(S, C, generator=g, dtype=F64)
     var = torch.rand(S, C, generator=g, dtype=F64) + 0.5
     mean_at = torch.randn(S, C, generator=g, dtype=F64)
     var_at = torch.randn(S, C, generator=g, dtype=F64) * 0.1
-    compensable = torch.tensor([True, True, False, True][:S])
+    compensable = torch.tensor([True, True, False, True, True, False, True][:S])
     if S > 1:
         mean[1], var[1] = float("nan"), float("nan")
     w_mean = w_var = None

@@ -296,8 +296,8 @@ class _Recorder:
 
 def _compile_for_sm90(kernel, args: tuple, kwargs: dict) -> None:
     """Compile ``kernel`` for sm_90 (H100 / H200) as a launch with these arguments would: ints equal to 1 become
-    constexprs, aligned pointers and ints divisible by 16 get Triton's divisibility hint. Front end, LLVM and ptxas
-    run; nothing is loaded or launched."""
+    constexprs, aligned pointers and ints divisible by 16 get Triton's divisibility hint, and the launch's compile
+    options (``enable_fp_fusion``, ...) apply. Front end, LLVM and ptxas run; nothing is loaded or launched."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
@@ -319,7 +319,8 @@ def _compile_for_sm90(kernel, args: tuple, kwargs: dict) -> None:
             constexprs[name] = value
         elif attr:
             attrs[(i,)] = backend.parse_attr(attr)
-    triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target)
+    options = {k: v for k, v in kwargs.items() if k not in kernel.arg_names}
+    triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
 
 
 def test_kernels_compile_for_sm90(monkeypatch):
