@@ -527,11 +527,6 @@ class CrossIterationBatchNorm(GlobalStatsBatchNorm):
             error_msgs.append(f"{self.layer_name}: history_next must be a slot index in [0, {slots}) for window="
                               f"{self.window}, got {slot} in the checkpoint")
             self.history_next.zero_()
-        filled = int(self.history_filled)
-        if not 0 <= filled <= max(slots, 0):
-            error_msgs.append(f"{self.layer_name}: history_filled must be a count of slots in [0, {max(slots, 0)}] "
-                              f"for window={self.window}, got {filled} in the checkpoint")
-            self.history_filled.zero_()
         self._host_step = int(self.step)
 
     def extra_repr(self) -> str:
